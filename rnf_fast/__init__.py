@@ -1,0 +1,34 @@
+"""rnf_fast: rectangular normalizing flows with a fast log det(JᵀJ) gradient engine.
+
+The drop-in for any injective decoder g: R^d -> R^D is :func:`logdet_grad`: its value is
+log det(JᵀJ) per sample and its gradient is that of log det(JᵀJ), exact (forward-mode J and
+Cholesky) or stochastic (Hutchinson probes and conjugate gradients).
+"""
+
+from .backends import available_backends, backend_report, use_backend
+from .linop import FuncLinearization, Linearization, linearize
+from .logdet import (
+    LogdetInfo,
+    SingularJacobianError,
+    choose_method,
+    logdet,
+    logdet_grad,
+)
+from .probes import make_probes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FuncLinearization",
+    "Linearization",
+    "LogdetInfo",
+    "SingularJacobianError",
+    "available_backends",
+    "backend_report",
+    "choose_method",
+    "linearize",
+    "logdet",
+    "logdet_grad",
+    "make_probes",
+    "use_backend",
+]

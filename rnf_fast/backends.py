@@ -1,0 +1,123 @@
+"""Backend registry: which implementation of the engine's small ops runs for a tensor.
+
+A backend is a module exposing the ops of :mod:`rnf_fast.reference` with the same signatures.
+``"torch"`` (that module) is always available and is the fallback on every device. Compiled
+backends register here with the devices they serve and a priority; the default choice for a
+tensor is the available backend of highest priority for its device.
+
+Choose explicitly with the ``backend=`` argument of :func:`rnf_fast.logdet_grad`, or for a
+block of code::
+
+    with rnf_fast.use_backend("torch"):
+        value = rnf_fast.logdet_grad(decoder, z)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+__all__ = ["available_backends", "backend_report", "get_backend", "use_backend"]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    module: str
+    devices: tuple[str, ...]
+    priority: int
+    probe: Callable[[], str | None]  # None when usable, else the reason it is not
+
+
+def _always() -> str | None:
+    return None
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "torch": _Entry("torch", "rnf_fast.reference", ("cpu", "cuda", "mps", "xpu"), 0, _always),
+}
+_local = threading.local()
+
+
+def _unavailable_reason(entry: _Entry) -> str | None:
+    try:
+        return entry.probe()
+    except Exception as exc:  # a probe must never break the listing
+        return f"probe failed: {exc!r}"
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """List the usable backends, fastest first.
+
+    Arguments:
+        device: restrict to backends that serve this device type (e.g. ``"cpu"``, ``"cuda"``).
+
+    Returns:
+        Backend names, in the order the default choice tries them.
+    """
+    dev = None if device is None else torch.device(device).type
+    entries = [
+        e
+        for e in _REGISTRY.values()
+        if (dev is None or dev in e.devices) and _unavailable_reason(e) is None
+    ]
+    return [e.name for e in sorted(entries, key=lambda e: -e.priority)]
+
+
+def backend_report() -> list[tuple[str, bool, str]]:
+    """Describe every known backend: (name, available, devices or the reason it is not)."""
+    rows = []
+    for e in _REGISTRY.values():
+        reason = _unavailable_reason(e)
+        rows.append((e.name, reason is None, reason or "devices: " + ", ".join(e.devices)))
+    return rows
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"backend must be one of {sorted(_REGISTRY)} or 'auto', got {name!r}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Make ``name`` the default backend inside the ``with`` block (per thread)."""
+    if name != "auto":
+        _check_name(name)
+    previous = getattr(_local, "name", "auto")
+    _local.name = name
+    try:
+        yield
+    finally:
+        _local.name = previous
+
+
+def get_backend(name: str | None, device: torch.device) -> tuple[str, ModuleType]:
+    """Resolve a backend request for tensors on ``device``.
+
+    Arguments:
+        name: a backend name, ``"auto"``, or None (the ``use_backend`` default, else auto).
+        device: the device of the tensors the ops will see.
+
+    Returns:
+        (name, module) of the backend to use.
+    """
+    if name is None:
+        name = getattr(_local, "name", "auto")
+    if name == "auto":
+        name = available_backends(device)[0]
+    _check_name(name)
+    entry = _REGISTRY[name]
+    reason = _unavailable_reason(entry)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} is not available: {reason}")
+    if device.type not in entry.devices:
+        raise ValueError(
+            f"backend {name!r} does not serve device {device.type!r} (serves {entry.devices})"
+        )
+    return name, importlib.import_module(entry.module)

@@ -1,0 +1,54 @@
+"""Build script: the Python package, its Triton kernels, and the optional extension rnf_fast._C.
+
+The extension is built from csrc/ when sources exist there: CppExtension by default,
+CUDAExtension when a CUDA toolchain and a CUDA build of torch are present. Set
+RNF_FAST_NO_EXTENSION=1 to skip it; the package then runs on its PyTorch fallback.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+
+def get_extensions():
+    """Return the list of extensions to build (empty when there is nothing to build)."""
+    if os.environ.get("RNF_FAST_NO_EXTENSION", "0") == "1":
+        return []
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpu_sources = sorted(glob.glob(os.path.join(here, "csrc", "*.cpp")))
+    if not cpu_sources:
+        return []
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    cuda_sources = sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))
+    use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
+    rel = [os.path.relpath(p, here) for p in cpu_sources]
+    if use_cuda:
+        rel += [os.path.relpath(p, here) for p in cuda_sources]
+        return [
+            CUDAExtension(
+                "rnf_fast._C",
+                rel,
+                define_macros=[("RNF_FAST_WITH_CUDA", None)],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+            )
+        ]
+    return [CppExtension("rnf_fast._C", rel, extra_compile_args=["-O3"])]
+
+
+def get_cmdclass():
+    if not get_extensions():
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+
+setup(
+    packages=["rnf_fast", "rnf_fast.kernels"],
+    package_dir={"rnf_fast": "rnf_fast", "rnf_fast.kernels": "kernels"},
+    ext_modules=get_extensions(),
+    cmdclass=get_cmdclass(),
+)

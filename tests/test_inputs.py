@@ -1,0 +1,118 @@
+"""Bad input raises a clear error that names the argument; singular JᵀJ is reported."""
+
+import pytest
+import torch
+
+import rnf_fast
+import rnf_fast.baselines
+from rnf_fast.testing import mlp_decoder
+
+
+@pytest.fixture
+def dec():
+    return mlp_decoder(3, 6)
+
+
+@pytest.fixture
+def z():
+    return torch.randn(4, 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"method": "svd"}, ValueError, "method must be"),
+        ({"probes": 0}, ValueError, "probes must be a positive integer"),
+        ({"probes": 1.5}, ValueError, "probes must be a positive integer"),
+        ({"probes": torch.randn(4, 2, 5, dtype=torch.float64)}, ValueError, r"probes tensor"),
+        ({"probe_kind": "sobol"}, ValueError, "probe_kind must be"),
+        ({"method": "cg", "probe_kind": "orthogonal", "probes": 4}, ValueError, "probes <= d"),
+        ({"tol": -1.0}, ValueError, "tol must be"),
+        ({"max_iter": 0}, ValueError, "max_iter must be"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be"),
+        ({"backend": "cuda-magic"}, ValueError, "backend must be one of"),
+        ({"batching": "loop"}, ValueError, "batching must be"),
+        ({"on_singular": "ignore"}, ValueError, "on_singular must be"),
+        ({"linalg_dtype": torch.int64}, ValueError, "linalg_dtype must be"),
+    ],
+)
+def test_bad_options(dec, z, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        rnf_fast.logdet_grad(dec, z, **kwargs)
+
+
+def test_bad_z(dec):
+    with pytest.raises(TypeError, match="z must be a torch.Tensor"):
+        rnf_fast.logdet_grad(dec, [[0.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"z must be \(B, d\).*\(3, 4, 5\)"):
+        rnf_fast.logdet_grad(dec, torch.randn(3, 4, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point"):
+        rnf_fast.logdet_grad(dec, torch.ones(2, 3, dtype=torch.long))
+    z = torch.randn(4, 3, dtype=torch.float64)
+    z[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="z contains NaN or Inf in 1 of 4"):
+        rnf_fast.logdet_grad(dec, z)
+
+
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_d_not_below_D(z, method):
+    square = mlp_decoder(3, 3)
+    with pytest.raises(ValueError, match="D > d"):
+        rnf_fast.logdet_grad(square, z, method=method)
+
+
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_decoder_output_shape_and_finiteness(z, method):
+    with pytest.raises(ValueError, match=r"decoder output must be \(B, D\)"):
+        rnf_fast.logdet_grad(lambda z: z.repeat(1, 2).unsqueeze(1), z, method=method)
+    with pytest.raises(ValueError, match="decoder output contains NaN or Inf in 4 of 4"):
+        rnf_fast.logdet_grad(lambda z: torch.log(z - 100).repeat(1, 2), z, method=method)
+
+
+def test_dtype_and_device_mismatch(dec):
+    with pytest.raises(ValueError, match="decoder parameters are torch.float64"):
+        rnf_fast.logdet_grad(dec, torch.randn(2, 3))
+    with pytest.raises(ValueError, match="decoder output is torch.float32"):
+        rnf_fast.logdet_grad(lambda z: z.float().repeat(1, 2), torch.randn(2, 3).double())
+
+
+def test_decoder_not_callable(z):
+    with pytest.raises(TypeError, match="decoder must be callable"):
+        rnf_fast.logdet_grad("mlp", z)
+
+
+def _rank_deficient(z):
+    # J has rank 1 for every sample with d = 2: both latents enter only through their sum.
+    s = z.sum(1, keepdim=True)
+    return torch.cat([s, torch.sin(s), s**2], dim=1)
+
+
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_singular_jacobian_raises_on_request(method):
+    z = torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(rnf_fast.SingularJacobianError, match="rank deficient"):
+        rnf_fast.logdet_grad(_rank_deficient, z, method=method, on_singular="raise")
+
+
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_singular_jacobian_gives_nan_and_warns_on_request(method):
+    z = torch.randn(3, 2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="rank deficient"):
+        v, info = rnf_fast.logdet_grad(
+            _rank_deficient, z, method=method, on_singular="nan", return_info=True
+        )
+    assert bool(info.singular.any())
+    assert bool(torch.isnan(v[info.singular]).all())
+    assert bool(torch.isfinite(v[~info.singular]).all())
+
+
+def test_singular_jacobian_gets_bounded_reported_jitter_by_default():
+    z = torch.randn(3, 2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="needed jitter"):
+        v, info = rnf_fast.logdet_grad(_rank_deficient, z, method="exact", return_info=True)
+    A = (lambda J: J.transpose(1, 2) @ J)(rnf_fast.baselines.dense_jacobian(_rank_deficient, z))
+    bound = 1e3 * torch.finfo(torch.float64).eps * torch.diagonal(A, dim1=1, dim2=2).mean(1)
+    # Rounding can leave an exactly singular JᵀJ with a tiny positive pivot: LAPACK's failure
+    # is the trigger, so some samples factor without jitter.
+    assert bool((info.jitter > 0).any()) and bool((info.jitter <= bound * (1 + 1e-12)).all())
+    assert bool(torch.isfinite(v).all())
