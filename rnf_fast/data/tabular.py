@@ -1,0 +1,348 @@
+"""Tabular data: user arrays (.npy, .csv) and the MAF benchmark sets from local files.
+
+The MAF loaders read the files in their published layout under a root folder (root/power/data.npy,
+root/gas/ethylene_CO.pickle, root/hepmass/1000_{train,test}.csv, root/miniboone/data.npy,
+root/BSDS300/BSDS300.hdf5) and apply the preprocessing of the MAF paper's code (Papamakarios et
+al. 2017), so that NLLs compare with published numbers: the returned data are already normalised
+as described there and must not be standardised again for such comparisons. Their splits are
+the published ones; n_train / n_val / n_test only cap them (a seeded subset), for quick runs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rnf_fast.data.registry import Dataset, optional_import, random_split, subsample
+
+__all__ = [
+    "load_npy",
+    "load_csv",
+    "load_power",
+    "load_gas",
+    "load_hepmass",
+    "load_miniboone",
+    "load_bsds300",
+]
+
+_MAF = "MAF preprocessing (Papamakarios et al. 2017)"
+
+
+def _check_table(x: np.ndarray, where: str) -> np.ndarray:
+    if x.ndim != 2 or x.shape[0] < 3 or x.shape[1] < 1:
+        raise ValueError(
+            f"{where}: data must be a 2-D array (N, D) with N >= 3, got shape {x.shape}"
+        )
+    if not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f"{where}: data must be numeric, got dtype {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(
+            f"{where}: data contain NaN or inf ({int((~np.isfinite(x)).sum())} entries)"
+        )
+    return x
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: expected the file {path}")
+    return path
+
+
+def _dataset(name: str, splits, *, dtype: torch.dtype, info: dict) -> Dataset:
+    train, val, test = (
+        torch.as_tensor(np.ascontiguousarray(s, dtype=np.float64), dtype=dtype) for s in splits
+    )
+    return Dataset(name=name, train=train, val=val, test=test, info=info)
+
+
+def _user_table(
+    name: str, x: np.ndarray, path: Path, *, n_train, n_val, n_test, seed, dtype, info
+) -> Dataset:
+    x = _check_table(x, str(path))
+    splits, _ = random_split(x, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
+    return _dataset(name, splits, dtype=dtype, info={"path": str(path), "seed": seed, **info})
+
+
+def load_npy(
+    path: str | Path,
+    *,
+    n_train: int | None = None,
+    n_val: int | float = 0.1,
+    n_test: int | float = 0.1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """A user array (N, D) from a .npy file, split by a seeded shuffle (counts or fractions)."""
+    path = _require_file(Path(path), "npy")
+    x = np.load(path, allow_pickle=False)
+    return _user_table(
+        "npy", x, path, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, dtype=dtype, info={}
+    )
+
+
+def _has_header(path: Path, delimiter: str) -> bool:
+    """True when the first non-empty line has a field that is not a number."""
+    with open(path) as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        [float(field.strip().strip("\"'")) for field in first.split(delimiter)]
+    except ValueError:
+        return True
+    return False
+
+
+def load_csv(
+    path: str | Path,
+    *,
+    header: bool | None = None,
+    delimiter: str = ",",
+    n_train: int | None = None,
+    n_val: int | float = 0.1,
+    n_test: int | float = 0.1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """A user array (N, D) from a numeric .csv file; split by a seeded shuffle.
+
+    header: True/False, or None to detect it (a first line with a non-numeric field). The
+    column names go to info["columns"].
+    """
+    path = _require_file(Path(path), "csv")
+    if header is None:
+        header = _has_header(path, delimiter)
+    columns = None
+    if header:
+        with open(path) as f:
+            first = next(line for line in f if line.strip())
+        columns = [c.strip().strip("\"'") for c in first.rstrip("\n").split(delimiter)]
+    try:
+        x = np.loadtxt(path, delimiter=delimiter, skiprows=int(header), ndmin=2, dtype=np.float64)
+    except ValueError as err:
+        raise ValueError(
+            f"{path}: not a numeric table with delimiter {delimiter!r}: {err}"
+        ) from err
+    return _user_table(
+        "csv", x, path, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, dtype=dtype,
+        info={"columns": columns},
+    )  # fmt: skip
+
+
+def _tail_split(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MAF split: the last 10% is test, the last 10% of the rest is validation; no shuffle."""
+    n_test = int(0.1 * data.shape[0])
+    rest, test = data[: data.shape[0] - n_test], data[data.shape[0] - n_test :]
+    n_val = int(0.1 * rest.shape[0])
+    return rest[: rest.shape[0] - n_val], rest[rest.shape[0] - n_val :], test
+
+
+def _normalise_by_train_val(splits):
+    """Subtracts the mean and divides by the std (ddof 0) of train and validation together."""
+    both = np.vstack(splits[:2])
+    mu, s = both.mean(axis=0), both.std(axis=0)
+    return tuple((x - mu) / s for x in splits)
+
+
+def _maf_dataset(name, splits, *, root, n_train, n_val, n_test, seed, dtype) -> Dataset:
+    caps = (("n_train", n_train), ("n_val", n_val), ("n_test", n_test))
+    for what, n in caps:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+            raise ValueError(f"{what} caps a published split and must be an int, got {n!r}")
+    capped = [
+        subsample(x, n, seed=seed + i, what=what)
+        for i, (x, (what, n)) in enumerate(zip(splits, caps))
+    ]
+    return _dataset(name, capped, dtype=dtype, info={"root": str(root), "preprocessing": _MAF})
+
+
+def load_power(
+    root: str | Path,
+    *,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """UCI household power (root/power/data.npy, (N, 8)) as in MAF: D = 6.
+
+    Shuffle with RandomState(42); drop columns 3 (global intensity) and 1 (reactive power);
+    add uniform noise (0.001 to gap, 0.01 to voltage, 1 to the three sub-meterings, 0 to time;
+    the same RandomState, in MAF's order); tail split; normalise by train+val mean/std.
+    """
+    path = _require_file(Path(root) / "power" / "data.npy", "POWER")
+    data = np.load(path, allow_pickle=False)
+    if data.ndim != 2 or data.shape[1] != 8 or data.shape[0] < 20:
+        raise ValueError(f"{path}: POWER data must be (N >= 20, 8), got {data.shape}")
+    data = data.astype(np.float64)
+    rng = np.random.RandomState(42)
+    rng.shuffle(data)
+    N = data.shape[0]
+    data = np.delete(np.delete(data, 3, axis=1), 1, axis=1)
+    voltage_noise = 0.01 * rng.rand(N, 1)
+    gap_noise = 0.001 * rng.rand(N, 1)
+    sm_noise = rng.rand(N, 3)
+    data = data + np.hstack((gap_noise, voltage_noise, sm_noise, np.zeros((N, 1))))
+    splits = _normalise_by_train_val(_tail_split(data))
+    return _maf_dataset(
+        "power",
+        splits,
+        root=root,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        seed=seed,
+        dtype=dtype,
+    )
+
+
+def load_gas(
+    root: str | Path,
+    *,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """UCI gas sensors, ethylene–CO (root/gas/ethylene_CO.pickle, a pandas pickle) as in MAF: D = 8.
+
+    Drop the Meth, Eth and Time columns; while some column has a correlation > 0.98 with another,
+    drop the first such column; normalise by the mean/std (ddof 1) of all rows; tail split.
+    Needs pandas.
+    """
+    path = _require_file(Path(root) / "gas" / "ethylene_CO.pickle", "GAS")
+    pd = optional_import("pandas", extra="pandas", purpose="GAS (a pandas pickle)")
+    data = pd.read_pickle(path).drop(columns=["Meth", "Eth", "Time"])
+    while True:
+        n_correlated = (data.corr() > 0.98).to_numpy().sum(axis=1)
+        if not np.any(n_correlated > 1):
+            break
+        data = data.drop(columns=data.columns[np.flatnonzero(n_correlated > 1)[0]])
+    data = ((data - data.mean()) / data.std()).to_numpy(dtype=np.float64)
+    return _maf_dataset(
+        "gas", _tail_split(_check_table(data, str(path))), root=root, n_train=n_train, n_val=n_val,
+        n_test=n_test, seed=seed, dtype=dtype,
+    )  # fmt: skip
+
+
+def _too_discrete(col: np.ndarray) -> bool:
+    """MAF's HEPMASS feature test: the smallest value occurs > 5 times (or the column is NaN)."""
+    return not np.all(np.isfinite(col)) or Counter(col.tolist())[col.min()] > 5
+
+
+def load_hepmass(
+    root: str | Path,
+    *,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """UCI HEPMASS (root/hepmass/1000_train.csv, 1000_test.csv) as in MAF: D = 21.
+
+    Keep the signal rows (first column == 1) and drop that column; drop the test file's last
+    column (as MAF does); normalise both by the train mean/std (ddof 1), aligned by column name;
+    drop every feature whose smallest value occurs more than 5 times in train (MAF's test for
+    "too many re-occurring values"), and constant features, whose normalisation is undefined;
+    the last 10% of train is validation. Needs pandas.
+    """
+    pd = optional_import("pandas", extra="pandas", purpose="HEPMASS (read with pandas)")
+    folder = Path(root) / "hepmass"
+    train_path = _require_file(folder / "1000_train.csv", "HEPMASS")
+    test_path = _require_file(folder / "1000_test.csv", "HEPMASS")
+    train = pd.read_csv(train_path, index_col=False)
+    test = pd.read_csv(test_path, index_col=False)
+    train = train[train[train.columns[0]] == 1].drop(columns=train.columns[0])
+    test = test[test[test.columns[0]] == 1].drop(columns=test.columns[0])
+    test = test.drop(columns=test.columns[-1])
+    mu, s = train.mean(), train.std()
+    train, test = ((train - mu) / s).to_numpy(np.float64), ((test - mu) / s).to_numpy(np.float64)
+    drop = [j for j, col in enumerate(train.T) if _too_discrete(col)]
+    train = np.delete(train, drop, axis=1)
+    test = np.delete(test, [j for j in drop if j < test.shape[1]], axis=1)
+    if train.shape[1] != test.shape[1]:
+        raise ValueError(
+            f"HEPMASS: after MAF preprocessing train has {train.shape[1]} features, "
+            f"test {test.shape[1]}"
+        )
+    n_held = int(0.1 * train.shape[0])
+    cut = train.shape[0] - n_held
+    splits = (train[:cut], train[cut:], _check_table(test, str(test_path)))
+    return _maf_dataset(
+        "hepmass",
+        splits,
+        root=root,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        seed=seed,
+        dtype=dtype,
+    )
+
+
+def load_miniboone(
+    root: str | Path,
+    *,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """MiniBooNE (root/miniboone/data.npy, as cleaned by the MAF scripts) as in MAF: D = 43.
+
+    Tail split (no shuffle); normalise by the train+val mean/std (ddof 0).
+    """
+    path = _require_file(Path(root) / "miniboone" / "data.npy", "MINIBOONE")
+    data = _check_table(np.load(path, allow_pickle=False).astype(np.float64), str(path))
+    splits = _normalise_by_train_val(_tail_split(data))
+    return _maf_dataset(
+        "miniboone",
+        splits,
+        root=root,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        seed=seed,
+        dtype=dtype,
+    )
+
+
+def load_bsds300(
+    root: str | Path,
+    *,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """BSDS300 8×8 image patches (root/BSDS300/BSDS300.hdf5) as in MAF: D = 63.
+
+    The "train", "validation" and "test" arrays are used as stored (MAF's file is already
+    preprocessed: grey levels dequantised, the mean removed, the last pixel dropped). Needs h5py.
+    """
+    path = _require_file(Path(root) / "BSDS300" / "BSDS300.hdf5", "BSDS300")
+    h5py = optional_import("h5py", extra="h5py", purpose="BSDS300 (an HDF5 file)")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in ("train", "validation", "test") if k not in f]
+        if missing:
+            raise ValueError(f"{path}: missing datasets {missing}")
+        splits = [
+            _check_table(np.asarray(f[k][()]), f"{path}[{k}]")
+            for k in ("train", "validation", "test")
+        ]
+    return _maf_dataset(
+        "bsds300",
+        splits,
+        root=root,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        seed=seed,
+        dtype=dtype,
+    )
