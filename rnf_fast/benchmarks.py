@@ -1,0 +1,269 @@
+"""Benchmark problems and contenders, shared by ``bench/`` (pytest-benchmark) and the CLI.
+
+A *problem* is a decoder, a batch of latents and the float64 dense truth of log det(JᵀJ) and its
+gradients. A *contender* turns a problem into a training-step closure (forward, log det term,
+backward). Every contender is verified against the truth before it is timed
+(:func:`verify`); peak memory is measured in a fresh process per case (:func:`peak_memory`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import logdet_grad
+from .baselines import dense_logdet, logdet_jacfwd, logdet_jacrev
+from .testing import grads, mlp_decoder, rel_error
+
+__all__ = [
+    "CONTENDERS",
+    "PROBLEMS",
+    "Problem",
+    "report_markdown",
+    "machine_info",
+    "make_problem",
+    "make_step",
+    "peak_memory",
+    "verify",
+]
+
+
+@dataclass(frozen=True)
+class ProblemSpec:
+    """A named problem size: an MLP decoder d -> hidden -> D with tanh, batch B."""
+
+    d: int
+    D: int
+    B: int
+    hidden: tuple[int, ...]
+
+
+PROBLEMS: dict[str, ProblemSpec] = {
+    # The standard problem: the paper's MNIST-sized MLP decoder.
+    "mlp-16-784": ProblemSpec(d=16, D=784, B=64, hidden=(256, 256)),
+    # Tiny version for CI: same code paths, runs in milliseconds.
+    "quick": ProblemSpec(d=3, D=10, B=4, hidden=(8, 8)),
+}
+
+
+@dataclass
+class Problem:
+    """A decoder, latents and the float64 dense truth at them."""
+
+    name: str
+    spec: ProblemSpec
+    decoder: nn.Module
+    z: Tensor
+    truth_value: Tensor
+    truth_grads: list[Tensor]
+
+
+def make_problem(name: str, *, d: int | None = None, seed: int = 0) -> Problem:
+    """Build the named problem (optionally with another latent dimension d), in float32,
+    with its float64 truth."""
+    if name not in PROBLEMS:
+        raise ValueError(f"problem must be one of {sorted(PROBLEMS)}, got {name!r}")
+    spec = PROBLEMS[name]
+    if d is not None:
+        spec = ProblemSpec(d=d, D=spec.D, B=spec.B, hidden=spec.hidden)
+    decoder = mlp_decoder(spec.d, spec.D, hidden=spec.hidden, dtype=torch.float64, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    z64 = torch.randn(spec.B, spec.d, generator=g, dtype=torch.float64, requires_grad=True)
+    value = dense_logdet(decoder, z64)
+    truth_grads = grads(value, [*decoder.parameters(), z64])
+    z = z64.detach().float().requires_grad_(True)
+    return Problem(name, spec, decoder.float(), z, value.detach(), truth_grads)
+
+
+def _rnf(**kwargs) -> Callable[[nn.Module, Tensor], Tensor]:
+    return lambda decoder, z: logdet_grad(decoder, z, **kwargs)
+
+
+CONTENDERS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
+    "rnf_fast exact": _rnf(method="exact"),
+    "rnf_fast exact chunk=8": _rnf(method="exact", chunk_size=8),
+    "rnf_fast exact chunk=2": _rnf(method="exact", chunk_size=2),
+    "rnf_fast cg K=1": _rnf(method="cg", probes=1),
+    "rnf_fast cg K=4": _rnf(method="cg", probes=4),
+    "forward-mode (vmap(jacfwd))": logdet_jacfwd,
+    "reverse-mode (vmap(jacrev))": logdet_jacrev,
+}
+"""Each maps (decoder, z) to the (B,) log det(JᵀJ) term with its gradient attached."""
+
+
+def make_step(problem: Problem, contender: str) -> Callable[[], Tensor]:
+    """A training-step closure: zero grads, log det term, backward; returns the value."""
+    fn = CONTENDERS[contender]
+    params = list(problem.decoder.parameters())
+
+    def step() -> Tensor:
+        for p in params:
+            p.grad = None
+        problem.z.grad = None
+        value = fn(problem.decoder, problem.z)
+        value.sum().backward()
+        return value.detach()
+
+    return step
+
+
+def verify(problem: Problem, contender: str) -> dict[str, float]:
+    """Run one step and compare with the float64 truth.
+
+    Exact contenders must match it to float32 accuracy (value 1e-4, gradients 1e-3 relative)
+    or this raises. A stochastic contender is checked the way its math promises: with K = d
+    scaled orthonormal probes and a tight tolerance it must reproduce the exact gradient; its
+    own single-draw errors (the Hutchinson noise) are reported, not bounded.
+
+    Returns:
+        ``{"value_rel_err": ..., "grad_rel_err": ...}`` of the timed configuration.
+    """
+    step = make_step(problem, contender)
+    value = step()
+    got = [
+        torch.zeros_like(p) if p.grad is None else p.grad.double()
+        for p in [*problem.decoder.parameters(), problem.z]
+    ]
+    flat_got = torch.cat([g.flatten() for g in got])
+    flat_true = torch.cat([g.flatten() for g in problem.truth_grads])
+    errors = {
+        "value_rel_err": rel_error(value.double(), problem.truth_value),
+        "grad_rel_err": rel_error(flat_got, flat_true),
+    }
+    if "cg" in contender:
+        d, B = problem.spec.d, problem.spec.B
+        V = (d**0.5) * torch.eye(d).expand(B, d, d)
+        check = logdet_grad(problem.decoder, problem.z, method="cg", probes=V, tol=1e-7)
+        gz = torch.autograd.grad(check.sum(), problem.z)[0].double()
+        err = rel_error(gz, problem.truth_grads[-1])
+        if err > 1e-2:
+            raise AssertionError(f"{contender}: full-probe CG gradient off by {err:.2e}")
+    elif errors["value_rel_err"] > 1e-4 or errors["grad_rel_err"] > 1e-3:
+        raise AssertionError(f"{contender} disagrees with the float64 truth: {errors}")
+    return errors
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_child(problem_name: str, contender: str, d: int | None) -> None:
+    torch.set_num_threads(int(os.environ.get("RNF_BENCH_THREADS", torch.get_num_threads())))
+    problem = make_problem(problem_name, d=d)
+    tiny = make_problem("quick")
+    make_step(tiny, contender)()  # load every code path on a tiny problem first
+    step = make_step(problem, contender)
+    before = _rss_bytes()
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_bytes": max(peak - before, 0)}))
+
+
+def peak_memory(problem_name: str, contender: str, *, d: int | None = None) -> int:
+    """Peak resident memory (bytes) one training step adds, in a fresh process.
+
+    The child builds the problem, warms the contender's code paths on a tiny problem, notes its
+    resident set, runs one step and reports the high-water mark above that. On CPU this is the
+    only honest peak: allocations are not tracked by torch. Linux only (uses /proc).
+    """
+    cmd = [sys.executable, "-m", "rnf_fast.benchmarks", problem_name, contender]
+    if d is not None:
+        cmd.append(str(d))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def machine_info() -> dict[str, object]:
+    """The machine and software a measurement ran on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    from .backends import available_backends
+
+    return {
+        "cpu": cpu,
+        "backends": available_backends(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "commit": commit,
+    }
+
+
+def _percentile(data: list[float], q: float) -> float:
+    xs = sorted(data)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def report_markdown(results: dict) -> str:
+    """Turn a pytest-benchmark JSON (from ``bench/``) into a Markdown table.
+
+    Times are per training step (median, 20th–80th percentile), ratios are the reference's
+    median over the contender's (higher is faster), memory is the peak a step adds.
+    """
+    rows = {}
+    for b in results["benchmarks"]:
+        contender = b["params"]["contender"]
+        data = b["stats"].get("data") or [b["stats"]["median"]]
+        rows[contender] = (b["stats"]["median"], data, b.get("extra_info", {}))
+    ref = {k: v[0] for k, v in rows.items() if "mode" in k}
+    info = results.get("machine_info", {})
+    lines = [
+        f"Problem: {next(iter(rows.values()))[2].get('problem', '?')}; "
+        f"machine: {info.get('cpu', '?')}, {info.get('threads', '?')} threads, "
+        f"torch {info.get('torch', '?')}; commit {info.get('commit', '?')}.",
+        "",
+        "| contender | median ms | p20–p80 ms | speed-up vs reverse-mode "
+        "| speed-up vs forward-mode | peak MB | value rel. err | grad rel. err |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rev = ref.get("reverse-mode (vmap(jacrev))")
+    fwd = ref.get("forward-mode (vmap(jacfwd))")
+    for name, (median, data, extra) in rows.items():
+        p20, p80 = _percentile(data, 0.2) * 1e3, _percentile(data, 0.8) * 1e3
+        lines.append(
+            f"| {name} | {median * 1e3:.2f} | {p20:.2f}–{p80:.2f} | "
+            f"{rev / median if rev else float('nan'):.1f}× | "
+            f"{fwd / median if fwd else float('nan'):.2f}× | "
+            f"{extra.get('peak_bytes', 0) / 2**20:.1f} | "
+            f"{extra.get('value_rel_err', float('nan')):.1e} | "
+            f"{extra.get('grad_rel_err', float('nan')):.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    _memory_child(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
