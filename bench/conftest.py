@@ -7,8 +7,9 @@ def pytest_addoption(parser):
     parser.addoption(
         "--bench-size",
         choices=["standard", "quick"],
-        default="standard",
-        help="standard: the README problem sizes; quick: tiny sizes that check the suite runs",
+        default="quick",
+        help="quick (default): tiny sizes that check the suite runs; standard: the README "
+        "problem sizes (use with --benchmark-enable, as `rnf-fast bench` does)",
     )
 
 

@@ -50,6 +50,8 @@ class ProblemSpec:
 PROBLEMS: dict[str, ProblemSpec] = {
     # The standard problem: the paper's MNIST-sized MLP decoder.
     "mlp-16-784": ProblemSpec(d=16, D=784, B=64, hidden=(256, 256)),
+    # Wide decoder where the tangents' graph, not J, dominates memory: the chunking study.
+    "mlp-64-784-wide": ProblemSpec(d=64, D=784, B=64, hidden=(1024, 1024)),
     # Tiny version for CI: same code paths, runs in milliseconds.
     "quick": ProblemSpec(d=3, D=10, B=4, hidden=(8, 8)),
 }
@@ -67,9 +69,9 @@ class Problem:
     truth_grads: list[Tensor]
 
 
-def make_problem(name: str, *, d: int | None = None, seed: int = 0) -> Problem:
+def make_problem(name: str, *, d: int | None = None, seed: int = 0, truth: bool = True) -> Problem:
     """Build the named problem (optionally with another latent dimension d), in float32,
-    with its float64 truth."""
+    with its float64 truth (skipped with ``truth=False``: empty truth fields)."""
     if name not in PROBLEMS:
         raise ValueError(f"problem must be one of {sorted(PROBLEMS)}, got {name!r}")
     spec = PROBLEMS[name]
@@ -78,9 +80,11 @@ def make_problem(name: str, *, d: int | None = None, seed: int = 0) -> Problem:
     decoder = mlp_decoder(spec.d, spec.D, hidden=spec.hidden, dtype=torch.float64, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     z64 = torch.randn(spec.B, spec.d, generator=g, dtype=torch.float64, requires_grad=True)
+    z = z64.detach().float().requires_grad_(True)
+    if not truth:
+        return Problem(name, spec, decoder.float(), z, torch.empty(0), [])
     value = dense_logdet(decoder, z64)
     truth_grads = grads(value, [*decoder.parameters(), z64])
-    z = z64.detach().float().requires_grad_(True)
     return Problem(name, spec, decoder.float(), z, value.detach(), truth_grads)
 
 
@@ -90,8 +94,8 @@ def _rnf(**kwargs) -> Callable[[nn.Module, Tensor], Tensor]:
 
 CONTENDERS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
     "rnf_fast exact": _rnf(method="exact"),
-    "rnf_fast exact chunk=8": _rnf(method="exact", chunk_size=8),
-    "rnf_fast exact chunk=2": _rnf(method="exact", chunk_size=2),
+    "rnf_fast exact chunk=16": _rnf(method="exact", chunk_size=16),
+    "rnf_fast exact chunk=4": _rnf(method="exact", chunk_size=4),
     "rnf_fast cg K=1": _rnf(method="cg", probes=1),
     "rnf_fast cg K=4": _rnf(method="cg", probes=4),
     "forward-mode (vmap(jacfwd))": logdet_jacfwd,
@@ -159,8 +163,8 @@ def _rss_bytes() -> int:
 
 def _memory_child(problem_name: str, contender: str, d: int | None) -> None:
     torch.set_num_threads(int(os.environ.get("RNF_BENCH_THREADS", torch.get_num_threads())))
-    problem = make_problem(problem_name, d=d)
-    tiny = make_problem("quick")
+    problem = make_problem(problem_name, d=d, truth=False)
+    tiny = make_problem("quick", truth=False)
     make_step(tiny, contender)()  # load every code path on a tiny problem first
     step = make_step(problem, contender)
     before = _rss_bytes()
@@ -173,13 +177,16 @@ def peak_memory(problem_name: str, contender: str, *, d: int | None = None) -> i
     """Peak resident memory (bytes) one training step adds, in a fresh process.
 
     The child builds the problem, warms the contender's code paths on a tiny problem, notes its
-    resident set, runs one step and reports the high-water mark above that. On CPU this is the
-    only honest peak: allocations are not tracked by torch. Linux only (uses /proc).
+    resident set, runs one step and reports the high-water mark above that. glibc's malloc is
+    told to serve every block over 128 KiB by mmap (``MALLOC_MMAP_THRESHOLD_``), so freed
+    tensors leave the resident set at once and the high-water mark is the step's own peak.
+    CPU allocations are not tracked by torch, so this is the honest peak there. Linux only.
     """
     cmd = [sys.executable, "-m", "rnf_fast.benchmarks", problem_name, contender]
     if d is not None:
         cmd.append(str(d))
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
@@ -228,40 +235,55 @@ def _percentile(data: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def report_markdown(results: dict) -> str:
-    """Turn a pytest-benchmark JSON (from ``bench/``) into a Markdown table.
-
-    Times are per training step (median, 20th–80th percentile), ratios are the reference's
-    median over the contender's (higher is faster), memory is the peak a step adds.
-    """
-    rows = {}
-    for b in results["benchmarks"]:
-        contender = b["params"]["contender"]
-        data = b["stats"].get("data") or [b["stats"]["median"]]
-        rows[contender] = (b["stats"]["median"], data, b.get("extra_info", {}))
-    ref = {k: v[0] for k, v in rows.items() if "mode" in k}
-    info = results.get("machine_info", {})
+def _table(rows: dict[str, tuple[float, list[float], dict]]) -> list[str]:
+    rev = rows.get("reverse-mode (vmap(jacrev))", (None,))[0]
+    fwd = rows.get("forward-mode (vmap(jacfwd))", (None,))[0]
     lines = [
-        f"Problem: {next(iter(rows.values()))[2].get('problem', '?')}; "
-        f"machine: {info.get('cpu', '?')}, {info.get('threads', '?')} threads, "
-        f"torch {info.get('torch', '?')}; commit {info.get('commit', '?')}.",
-        "",
         "| contender | median ms | p20–p80 ms | speed-up vs reverse-mode "
         "| speed-up vs forward-mode | peak MB | value rel. err | grad rel. err |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    rev = ref.get("reverse-mode (vmap(jacrev))")
-    fwd = ref.get("forward-mode (vmap(jacfwd))")
     for name, (median, data, extra) in rows.items():
         p20, p80 = _percentile(data, 0.2) * 1e3, _percentile(data, 0.8) * 1e3
         lines.append(
             f"| {name} | {median * 1e3:.2f} | {p20:.2f}–{p80:.2f} | "
-            f"{rev / median if rev else float('nan'):.1f}× | "
-            f"{fwd / median if fwd else float('nan'):.2f}× | "
-            f"{extra.get('peak_bytes', 0) / 2**20:.1f} | "
+            + (f"{rev / median:.1f}× | " if rev else "– | ")
+            + (f"{fwd / median:.2f}× | " if fwd else "– | ")
+            + f"{extra.get('peak_bytes', 0) / 2**20:.1f} | "
             f"{extra.get('value_rel_err', float('nan')):.1e} | "
             f"{extra.get('grad_rel_err', float('nan')):.1e} |"
         )
+    return lines
+
+
+def report_markdown(results: dict) -> str:
+    """Turn a pytest-benchmark JSON (from ``bench/``) into Markdown, one table per problem.
+
+    Times are per training step (median, 20th–80th percentile), speed-ups are a reference's
+    median over the contender's (higher is faster), memory is the peak a step adds.
+    """
+    problems: dict[str, dict[str, tuple[float, list[float], dict]]] = {}
+    for b in results["benchmarks"]:
+        extra = b.get("extra_info", {})
+        data = b["stats"].get("data") or [b["stats"]["median"]]
+        rows = problems.setdefault(extra.get("problem", "?"), {})
+        rows[extra.get("contender", b["name"])] = (b["stats"]["median"], data, extra)
+    info = results.get("machine_info", {})
+    lines = [
+        f"Machine: {info.get('cpu', '?')}, {info.get('threads', '?')} threads, "
+        f"GPU: {info.get('gpu') or 'none'}, torch {info.get('torch', '?')}, "
+        f"backends {info.get('backends', '?')}; commit {info.get('commit', '?')}.",
+    ]
+    for name, rows in problems.items():
+        spec = PROBLEMS.get(name)
+        title = (
+            name
+            if spec is None
+            else (
+                f"{name}: MLP d={spec.d} -> {spec.hidden} -> D={spec.D}, tanh, B={spec.B}, float32"
+            )
+        )
+        lines += ["", f"**{title}**", "", *_table(rows)]
     return "\n".join(lines) + "\n"
 
 

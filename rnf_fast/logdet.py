@@ -208,6 +208,17 @@ def _tangent_inner(lin: Linearization, V: Tensor, W: Tensor) -> Tensor:
     return (W * lin.jvp(V, create_graph=True)).sum((1, 2))
 
 
+def _gram(ops, JT: Tensor, ldtype: torch.dtype, block: int = 256) -> Tensor:
+    """A = JᵀJ in ``ldtype`` from JT (B, d, D), casting blocks of D at a time so no full
+    higher-precision copy of J is held (it would be the largest buffer of the exact path)."""
+    if JT.dtype == ldtype:
+        return ops.gram(JT.transpose(1, 2))
+    return sum(
+        ops.gram(JT[:, :, s : s + block].transpose(1, 2).to(ldtype))
+        for s in range(0, JT.shape[2], block)
+    )
+
+
 def _exact(lin, z, ops, ldtype, chunk_size, need_grad, on_singular, info):
     B, d = z.shape
     E = torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)  # row k is e_k
@@ -218,9 +229,9 @@ def _exact(lin, z, ops, ldtype, chunk_size, need_grad, on_singular, info):
     else:
         JT = torch.cat([lin.jvp(E[:, s : s + c]) for s in starts], dim=1)
     _check_output(lin.out, z)
-    Jl = JT.detach().to(ldtype)
     steps = ops.JITTER_STEPS if on_singular == "jitter" else ()
-    L, value, jitter, cinfo = ops.cholesky_logdet(ops.gram(Jl.transpose(1, 2)), jitter_steps=steps)
+    A = _gram(ops, JT.detach(), ldtype)
+    L, value, jitter, cinfo = ops.cholesky_logdet(A, jitter_steps=steps)
     info.jitter, info.singular = jitter, cinfo > 0
     _report_singular(info.singular, on_singular, "exact path")
     if bool((jitter > 0).any()):
