@@ -5,7 +5,13 @@ import torch
 
 import rnf_fast
 from rnf_fast.baselines import dense_jacobian, dense_logdet
-from rnf_fast.testing import SinSoftplusDecoder, grads, mlp_decoder, rel_error
+from rnf_fast.testing import (
+    NonVmappableDecoder,
+    SinSoftplusDecoder,
+    grads,
+    mlp_decoder,
+    rel_error,
+)
 
 
 def _params_and_z(decoder, B, d, seed=0):
@@ -118,3 +124,17 @@ def test_unconverged_cg_warns():
     _, z = _params_and_z(decoder, 2, 8)
     with pytest.warns(RuntimeWarning, match="max_iter"):
         rnf_fast.logdet_grad(decoder, z, method="cg", tol=1e-12, max_iter=2)
+
+
+def test_non_vmappable_decoder_through_cg():
+    decoder = NonVmappableDecoder(3, 8)
+    inputs, z = _params_and_z(decoder, 4, 3)
+    V = 3**0.5 * torch.eye(3, dtype=torch.float64).expand(4, 3, 3)
+    value, info = rnf_fast.logdet_grad(
+        decoder, z, method="cg", probes=V, tol=0.0, max_iter=3, return_info=True
+    )
+    truth = dense_logdet(decoder, z)
+    assert info.batching == "repeat"
+    assert rel_error(value.detach(), truth.detach()) < 1e-9
+    for g, t in zip(grads(value, inputs), grads(truth, inputs)):
+        assert rel_error(g, t) < 1e-9 or t.norm() == 0
