@@ -34,6 +34,6 @@ PY
   pip install -q "torch==2.13.0" "${extra[@]}"
 fi
 
-echo "setup: installing rnf_fast (editable) with its test, data and plot extras"
-pip install -q --no-build-isolation -e ".[test,data,plots]"
+echo "setup: installing rnf_fast (editable) with its test, data, MNIST and plot extras"
+pip install -q --no-build-isolation -e ".[test,data,mnist,plots]"
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -250,10 +250,10 @@ def load_hepmass(
     "too many re-occurring values"), and constant features, whose normalisation is undefined;
     the last 10% of train is validation. Needs pandas.
     """
-    pd = optional_import("pandas", extra="pandas", purpose="HEPMASS (read with pandas)")
     folder = Path(root) / "hepmass"
     train_path = _require_file(folder / "1000_train.csv", "HEPMASS")
     test_path = _require_file(folder / "1000_test.csv", "HEPMASS")
+    pd = optional_import("pandas", extra="pandas", purpose="HEPMASS (read with pandas)")
     train = pd.read_csv(train_path, index_col=False)
     test = pd.read_csv(test_path, index_col=False)
     train = train[train[train.columns[0]] == 1].drop(columns=train.columns[0])
