@@ -47,7 +47,7 @@ def get_cmdclass():
 
 
 setup(
-    packages=["rnf_fast", "rnf_fast.data", "rnf_fast.flows", "rnf_fast.kernels"],
+    packages=["rnf_fast", "rnf_fast.data", "rnf_fast.evaluation", "rnf_fast.flows", "rnf_fast.kernels"],
     package_dir={"rnf_fast": "rnf_fast", "rnf_fast.kernels": "kernels"},
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),

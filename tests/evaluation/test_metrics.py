@@ -1,0 +1,295 @@
+"""Metrics against closed forms: Fréchet distance of Gaussians, AUROC against scikit-learn,
+evaluate() against the analytic NLL of a linear injective flow with a Gaussian latent."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from rnf_fast.data import Standardizer
+from rnf_fast.evaluation import (
+    auroc,
+    data_log_prob,
+    evaluate,
+    format_metrics,
+    frechet_distance,
+    gaussian_frechet_distance,
+    ood_auroc,
+    ood_scores,
+    reconstruction_error,
+)
+
+DT = torch.float64
+
+
+def _spd(D, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(D, D, generator=g, dtype=DT)
+    return a @ a.T + 0.5 * torch.eye(D, dtype=DT)
+
+
+def _with_moments(n, mean, cov, seed):
+    """n samples whose sample mean and unbiased covariance are exactly mean and cov."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, mean.numel(), generator=g, dtype=DT)
+    x = x - x.mean(0)
+    L = torch.linalg.cholesky(x.T @ x / (n - 1))
+    white = torch.linalg.solve_triangular(L, x.T, upper=False).T
+    return white @ torch.linalg.cholesky(cov).T + mean
+
+
+class LinearFlow:
+    """x = W z + b with z ~ N(m, diag(s²)): an injective flow with an analytic density.
+
+    encode(x) = P (x - b) with a left inverse P (d, D), P W = I; by default the least-squares
+    one, so reconstruct is the orthogonal projection onto the plane.
+    log p(x) = log N(z; m, s²) - ½ log det WᵀW at z = encode(x).
+    """
+
+    def __init__(self, W, b, m, s, P=None):
+        self.W, self.b, self.m, self.s = W, b, m, s
+        self.P = torch.linalg.pinv(W) if P is None else P
+        self.d = W.shape[1]
+
+    def encode(self, x):
+        return (x - self.b) @ self.P.T
+
+    def decode(self, z):
+        return z @ self.W.T + self.b
+
+    def reconstruct(self, x):
+        return self.decode(self.encode(x))
+
+    def log_prob(self, x):
+        z = self.encode(x)
+        base = torch.distributions.Normal(self.m, self.s).log_prob(z).sum(1)
+        return base - 0.5 * torch.linalg.slogdet(self.W.T @ self.W)[1]
+
+    def sample(self, n):
+        return self.decode(self.m + self.s * torch.randn(n, self.d, dtype=self.W.dtype))
+
+
+def _problem(n=400, D=5, d=2, noise=0.1, seed=0):
+    """A LinearFlow, test data from it plus noise orthogonal to the plane, and the truth."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(D, d, generator=g, dtype=DT)
+    b = torch.randn(D, generator=g, dtype=DT)
+    m, s = torch.tensor([0.5, -1.0], dtype=DT), torch.tensor([1.0, 0.3], dtype=DT)
+    model = LinearFlow(W, b, m, s)
+    z = m + s * torch.randn(n, d, generator=g, dtype=DT)
+    Q = torch.linalg.qr(W, mode="complete")[0][:, d:]  # basis of the orthogonal complement
+    off = noise * torch.randn(n, D - d, generator=g, dtype=DT) @ Q.T
+    x = model.decode(z) + off
+    z_np, W_np = z.numpy(), W.numpy()
+    true_log_p = (
+        -0.5 * (((z_np - m.numpy()) / s.numpy()) ** 2).sum(1)
+        - np.log(s.numpy()).sum()
+        - 0.5 * d * np.log(2 * np.pi)
+        - 0.5 * np.linalg.slogdet(W_np.T @ W_np)[1]
+    )
+    entropy = (
+        0.5 * d * np.log(2 * np.pi * np.e)
+        + np.log(s.numpy()).sum()
+        + 0.5 * np.linalg.slogdet(W_np.T @ W_np)[1]
+    )
+    return model, x, off, true_log_p, float(entropy)
+
+
+# --------------------------------------------------------------------------- Fréchet
+
+
+def test_gaussian_frechet_closed_form_diagonal():
+    m1, m2 = torch.tensor([0.0, 1.0, 2.0], dtype=DT), torch.tensor([1.0, -1.0, 2.0], dtype=DT)
+    v1, v2 = torch.tensor([1.0, 4.0, 0.25], dtype=DT), torch.tensor([9.0, 1.0, 0.25], dtype=DT)
+    expected = ((m1 - m2) ** 2).sum() + ((v1.sqrt() - v2.sqrt()) ** 2).sum()
+    got = gaussian_frechet_distance(m1, torch.diag(v1), m2, torch.diag(v2))
+    assert got == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_gaussian_frechet_matches_scipy_sqrtm_for_non_commuting_covariances():
+    linalg = pytest.importorskip("scipy.linalg")
+    D = 6
+    c1, c2 = _spd(D, 1), _spd(D, 2)
+    m1, m2 = torch.randn(D, dtype=DT), torch.randn(D, dtype=DT)
+    c1n, c2n = c1.numpy(), c2.numpy()
+    cross = linalg.sqrtm(c1n @ c2n).real  # the FID reference formula
+    expected = ((m1 - m2) ** 2).sum().item() + np.trace(c1n + c2n - 2 * cross)
+    got = gaussian_frechet_distance(m1, c1, m2, c2)
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert got == pytest.approx(gaussian_frechet_distance(m2, c2, m1, c1), rel=1e-9)
+
+
+def test_frechet_distance_is_exact_for_samples_with_known_moments():
+    D = 4
+    m1, m2 = torch.zeros(D, dtype=DT), torch.arange(D, dtype=DT)
+    c1, c2 = _spd(D, 3), _spd(D, 4)
+    x, y = _with_moments(300, m1, c1, 5), _with_moments(200, m2, c2, 6)
+    assert frechet_distance(x, y) == pytest.approx(
+        gaussian_frechet_distance(m1, c1, m2, c2), rel=1e-10
+    )
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_frechet_distance_float32_input_and_shift():
+    x = torch.randn(1000, 3)
+    assert frechet_distance(x, x + 2.0) == pytest.approx(12.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "match"),
+    [
+        (torch.randn(10, 3), torch.randn(10, 4), "same D"),
+        (torch.randn(1, 3), torch.randn(10, 3), "x needs at least 2"),
+        (torch.randn(10), torch.randn(10, 3), "x must be a float tensor"),
+        (torch.randn(10, 3), torch.full((10, 3), float("nan")), "y contains NaN"),
+    ],
+)
+def test_frechet_distance_bad_input(x, y, match):
+    with pytest.raises(ValueError, match=match):
+        frechet_distance(x, y)
+
+
+# ------------------------------------------------------------------------------ AUROC
+
+
+def test_auroc_simple_cases():
+    assert auroc([0.0, 1.0, 2.0], [3.0, 4.0]) == 1.0
+    assert auroc([3.0, 4.0], [0.0, 1.0, 2.0]) == 0.0
+    assert auroc([1.0, 1.0, 1.0], [1.0, 1.0]) == 0.5
+    assert auroc(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 3.0])) == 0.75
+    assert auroc([0.0, float("-inf")], [float("inf"), 1.0]) == 1.0
+
+
+def test_auroc_matches_sklearn_with_ties():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    s_in = rng.integers(0, 10, size=137).astype(float)  # many ties
+    s_out = rng.integers(2, 12, size=91).astype(float)
+    labels = np.r_[np.zeros(137), np.ones(91)]
+    expected = metrics.roc_auc_score(labels, np.r_[s_in, s_out])
+    assert auroc(s_in, s_out) == pytest.approx(expected, abs=1e-12)
+    cont_in, cont_out = rng.normal(size=300), rng.normal(0.5, size=200)
+    expected = metrics.roc_auc_score(np.r_[np.zeros(300), np.ones(200)], np.r_[cont_in, cont_out])
+    assert auroc(cont_in, cont_out) == pytest.approx(expected, abs=1e-12)
+
+
+def test_auroc_bad_input():
+    with pytest.raises(ValueError, match="scores_in must be a non-empty 1-D"):
+        auroc([], [1.0])
+    with pytest.raises(ValueError, match="scores_out contains NaN"):
+        auroc([1.0], [float("nan")])
+    with pytest.raises(ValueError, match="scores_in must be a non-empty 1-D"):
+        auroc(np.zeros((2, 2)), [1.0])
+
+
+# ----------------------------------------------------------------- reconstruction error
+
+
+def test_reconstruction_error_per_sample_and_mean():
+    x = torch.zeros(2, 4)
+    x_rec = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(reconstruction_error(x, x_rec, per_sample=True), torch.tensor([1.0, 1.0]))
+    assert reconstruction_error(x, x_rec).item() == 1.0
+    images = torch.zeros(3, 1, 2, 2)
+    assert reconstruction_error(images, images + 0.5).item() == 0.25
+    with pytest.raises(ValueError, match="same shape"):
+        reconstruction_error(x, x_rec[:1])
+
+
+# ------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_gives_the_analytic_nll_recon_error_and_truth_metrics():
+    model, x, off, true_log_p, entropy = _problem()
+    project = model.reconstruct  # the true manifold is the model's plane
+    dataset = SimpleNamespace(
+        entropy=entropy,
+        true_log_prob=model.log_prob,
+        project=project,
+    )
+    out = evaluate(model, x, dataset=dataset, n_samples=4000, batch_size=64)
+    nll = -true_log_p
+    assert out["nll"] == pytest.approx(nll.mean(), rel=1e-12)
+    assert out["nll_se"] == pytest.approx(nll.std(ddof=1) / math.sqrt(len(nll)), rel=1e-10)
+    assert out["recon_error"] == pytest.approx(float(off.square().mean()), rel=1e-10)
+    assert abs(out["nll"] - entropy) < 4 * out["nll_se"]  # data drawn from the model
+    assert out["entropy"] == entropy and out["nll_gap"] == pytest.approx(out["nll"] - entropy)
+    assert out["test_true_nll"] == pytest.approx(out["nll"], rel=1e-12)
+    assert out["recon_manifold_distance"] < 1e-10
+    assert out["sample_manifold_distance"] < 1e-10
+    # Samples come from the plane while x carries off-plane noise (variance 0.01 in 3 dims).
+    assert out["frechet"] == pytest.approx(0.03, abs=0.03)
+    assert out["nonfinite"] == 0 and out["n_test"] == 400 and out["n_samples"] == 4000
+    assert "nll_standardized" not in out
+
+
+@pytest.mark.parametrize("mode", ["global", "feature"])
+def test_evaluate_in_data_units_behind_a_standardizer(mode):
+    model, x, _, _, _ = _problem(seed=1)
+    x = x * torch.tensor([1.0, 3.0, 0.5, 2.0, 1.5], dtype=DT)  # anisotropic data
+    model.W = model.W * torch.tensor([1.0, 3.0, 0.5, 2.0, 1.5], dtype=DT)[:, None]
+    model.b = model.b * torch.tensor([1.0, 3.0, 0.5, 2.0, 1.5], dtype=DT)
+    st = Standardizer(mode=mode).fit(x)
+    # The same flow seen in standardised units: decode_std = transform ∘ decode, and
+    # encode_std = encode ∘ inverse_transform.
+    S = st.scale
+    W_std, b_std, P_std = model.W / S[:, None], (model.b - st.mean) / S, model.P * S
+    inner = LinearFlow(W_std, b_std, model.m, model.s, P=P_std)
+    raw = evaluate(model, x, n_samples=300, seed=3)
+    std = evaluate(inner, x, standardizer=st, n_samples=300, seed=3)
+    for key in ("nll", "nll_se", "recon_error"):
+        assert std[key] == pytest.approx(raw[key], rel=1e-9), key
+    # Samples lie on a plane: singular covariances, whose square roots amplify round-off.
+    assert std["frechet"] == pytest.approx(raw["frechet"], abs=1e-5)
+    assert std["nll_standardized"] == pytest.approx(-inner.log_prob(st.transform(x)).mean().item())
+    lp = data_log_prob(inner, x, standardizer=st, batch_size=7)
+    torch.testing.assert_close(lp, model.log_prob(x), rtol=1e-10, atol=1e-10)
+
+
+def test_evaluate_seeds_samples_and_restores_the_global_rng():
+    model, x, _, _, _ = _problem(n=50)
+    state = torch.get_rng_state()
+    a = evaluate(model, x, n_samples=20, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert evaluate(model, x, n_samples=20, seed=7)["frechet"] == a["frechet"]
+    assert "frechet" not in evaluate(model, x, n_samples=0)
+
+
+def test_ood_scores_and_auroc():
+    model, x_in, _, _, _ = _problem(n=100, noise=0.01)
+    x_out = x_in + 2.0  # leaves the plane: reconstruction error separates perfectly
+    scores = ood_scores(model, x_in)
+    assert set(scores) == {"nll", "recon_error"} and scores["nll"].shape == (100,)
+    torch.testing.assert_close(scores["nll"], -model.log_prob(x_in))
+    aucs = ood_auroc(model, x_in, x_out)
+    assert aucs["recon_error"] == 1.0
+    assert 0.0 <= aucs["nll"] <= 1.0
+
+
+def test_evaluate_bad_input():
+    model, x, _, _, _ = _problem(n=20)
+    with pytest.raises(ValueError, match=r"test_x must be a float tensor \(N, D\)"):
+        evaluate(model, x[0])
+    with pytest.raises(ValueError, match="test_x contains NaN"):
+        evaluate(model, torch.full_like(x, float("nan")))
+    with pytest.raises(ValueError, match="n_samples"):
+        evaluate(model, x, n_samples=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, x, batch_size=0)
+
+    class NoSample:
+        log_prob = model.log_prob
+        reconstruct = model.reconstruct
+
+    with pytest.raises(TypeError, match="model must have the method.*sample"):
+        evaluate(NoSample(), x)
+    assert "frechet" not in evaluate(NoSample(), x, n_samples=0)
+
+
+def test_format_metrics_puts_nll_beside_reconstruction_error():
+    model, x, _, _, entropy = _problem(n=50)
+    line = format_metrics(evaluate(model, x, dataset=SimpleNamespace(entropy=entropy)))
+    assert line.startswith("test NLL ") and "true entropy" in line
+    assert line.index("test NLL") < line.index("recon MSE") < line.index("Fréchet")
