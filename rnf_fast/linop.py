@@ -21,6 +21,8 @@ from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
 from torch.func import vmap
 
+from .explicit import SequentialLinearization, supports_sequential
+
 __all__ = ["FuncLinearization", "Linearization", "linearize"]
 
 Batching = Literal["auto", "vmap", "repeat"]
@@ -151,14 +153,18 @@ def linearize(
 ) -> Linearization:
     """Linearize ``decoder`` at ``z``.
 
-    A decoder that knows its own Jacobian structure may provide ``decoder.linearize(z)``
-    returning a :class:`Linearization`; it is used when present. Otherwise the generic
-    ``torch.func`` path (:class:`FuncLinearization`) serves any differentiable decoder.
+    In order: a decoder that knows its own Jacobian structure may provide
+    ``decoder.linearize(z)`` returning a :class:`Linearization`; a plain ``nn.Sequential`` MLP
+    (Linear layers and common activations) gets the explicit linearization of
+    :mod:`rnf_fast.explicit` when ``batching="auto"``; anything else, or an explicit
+    ``batching="vmap"`` / ``"repeat"``, takes the generic ``torch.func`` path
+    (:class:`FuncLinearization`), which serves any differentiable decoder.
 
     Arguments:
         decoder: callable mapping (B, d) to (B, D).
         z: (B, d) latents.
-        batching: tangent batching of the generic path (see :class:`FuncLinearization`).
+        batching: ``"auto"``, or force the generic path's tangent batching (see
+            :class:`FuncLinearization`).
 
     Returns:
         A :class:`Linearization` at z.
@@ -172,4 +178,6 @@ def linearize(
                 f"got {type(lin).__name__}"
             )
         return lin
+    if batching == "auto" and supports_sequential(decoder):
+        return SequentialLinearization(decoder, z)
     return FuncLinearization(decoder, z, batching=batching)

@@ -26,7 +26,8 @@ from .linop import Batching, Linearization, linearize
 from .probes import PROBE_KINDS, ProbeKind, make_probes
 
 __all__ = [
-    "AUTO_EXACT_MAX_D",
+    "AUTO_CG_PROBE_EXPONENT",
+    "AUTO_EXACT_OVER_CG1",
     "DEFAULT_CG_TOL",
     "LogdetInfo",
     "SingularJacobianError",
@@ -42,8 +43,23 @@ DEFAULT_CG_TOL = 1e-2
 (``bench/study_cg_tol.py``): the CG error of the gradient at 1e-2 is 0.5% of the gradient and
 250x below the Hutchinson noise, in 7.3 iterations against 11.1 at 1e-4."""
 
-AUTO_EXACT_MAX_D = 256
-"""``method="auto"`` uses the exact path up to this d (see :func:`choose_method`)."""
+# Time of one exact step over one CG step with K = 1, against d, for each linearization path:
+# the MLP decoder d -> 256 -> 256 -> 784, B = 64, float32, 2 CPU cores (bench/study_auto.py,
+# README). Above 1, CG is faster.
+AUTO_EXACT_OVER_CG1: dict[str, tuple[tuple[int, float], ...]] = {
+    "explicit": (
+        (4, 0.69),
+        (8, 0.86),
+        (16, 1.10),
+        (32, 1.54),
+        (64, 1.91),
+        (128, 1.50),
+        (256, 0.84),
+    ),
+    "generic": ((4, 0.38), (8, 0.40), (16, 0.47), (32, 0.71), (64, 0.86), (128, 0.67), (256, 0.42)),
+}
+# CG's cost grows with the probes as K^0.75 (K = 4 cost 2.2-3.2x K = 1 in the same study).
+AUTO_CG_PROBE_EXPONENT = 0.75
 
 
 class SingularJacobianError(RuntimeError):
@@ -84,27 +100,36 @@ class LogdetInfo:
     singular: Tensor | None = None
 
 
-def choose_method(d: int, K: int) -> str:
-    """The ``method="auto"`` rule: ``"exact"`` when d <= ``AUTO_EXACT_MAX_D``, else ``"cg"``.
+def choose_method(d: int, K: int, *, path: str = "generic") -> str:
+    """The ``method="auto"`` rule, from measured costs: the cheaper of exact and CG.
 
     The exact path costs one primal and d tangents pushed together, then a d×d Cholesky; CG
-    costs, per iteration, a JVP and a VJP for K probes (each re-running the primal on the
-    generic path), plus K differentiable tangents. Measured on the MLP decoder
-    d -> 256 -> 256 -> 784 at B = 64 (``bench/study_auto.py``, README), one exact step was
-    faster than one CG step with K = 1 at every d from 4 to 256 (0.4-0.9x the time) and CG with
-    more probes is slower still, so exact is chosen up to d = 256, beyond which its memory
-    (B·D·d for J, d tangents in the graph) grows and CG takes over. K only makes CG dearer, so
-    it does not move the threshold.
+    costs, per iteration, a JVP and a VJP for K probes, plus K differentiable tangents, and
+    needs more iterations as d (and the conditioning) grows. ``AUTO_EXACT_OVER_CG1`` holds the
+    measured time ratio exact / CG(K=1) against d for each linearization path; the ratio is
+    interpolated in log d (clamped outside the measured range) and CG is chosen when it exceeds
+    K^``AUTO_CG_PROBE_EXPONENT``, the measured growth of CG's cost with K. On the generic
+    ``torch.func`` path (every matvec re-runs the primal) exact wins at every measured d; on the
+    explicit MLP path CG with K = 1 wins for d between about 16 and 200.
 
     Arguments:
         d: latent dimension.
         K: probes per sample the stochastic path would use.
+        path: ``"explicit"`` (a linearization with cached factors) or ``"generic"``.
 
     Returns:
         ``"exact"`` or ``"cg"``.
     """
-    del K  # more probes only make CG slower in every measurement
-    return "exact" if d <= AUTO_EXACT_MAX_D else "cg"
+    if path not in AUTO_EXACT_OVER_CG1:
+        raise ValueError(f"path must be one of {sorted(AUTO_EXACT_OVER_CG1)}, got {path!r}")
+    table = AUTO_EXACT_OVER_CG1[path]
+    x = math.log2(min(max(d, table[0][0]), table[-1][0]))
+    for (d0, r0), (d1, r1) in zip(table, table[1:]):
+        if x <= math.log2(d1):
+            t = (x - math.log2(d0)) / (math.log2(d1) - math.log2(d0))
+            ratio = r0 + t * (r1 - r0)
+            break
+    return "cg" if ratio > K**AUTO_CG_PROBE_EXPONENT else "exact"
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -349,7 +374,7 @@ def logdet_grad(
         z: (B, d) latents; may require grad.
         method: ``"exact"`` (forward-mode J with all d tangents batched, Cholesky),
             ``"cg"`` (Hutchinson probes, batched conjugate gradients, SLQ value) or ``"auto"``
-            (:func:`choose_method`).
+            (the measured cost rule of :func:`choose_method`).
         probes: K, the number of probes per sample for CG, or a (B, K, d) tensor of probes
             with E[v vᵀ] = I (deterministic results).
         probe_kind: ``"gaussian"``, ``"rademacher"`` or ``"orthogonal"`` (see
@@ -404,11 +429,12 @@ def logdet_grad(
         _check_positive_int("chunk_size", chunk_size)
     max_iter = d if max_iter is None else _check_positive_int("max_iter", max_iter)
     K = _check_probes(probes, z)
-    if method == "auto":
-        method = choose_method(d, K)
     ldtype = _linalg_dtype(z, linalg_dtype)
     backend_name, ops = get_backend(backend, z.device)
     lin = linearize(decoder, z, batching=batching)
+    if method == "auto":
+        path = "explicit" if getattr(lin, "batching", None) == "explicit" else "generic"
+        method = choose_method(d, K, path=path)
     need_grad = torch.is_grad_enabled()
     info = LogdetInfo(
         method=method,
