@@ -7,6 +7,7 @@ RNF_FAST_NO_EXTENSION=1 to skip it; the package then runs on its PyTorch fallbac
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -25,6 +26,10 @@ def get_extensions():
     cuda_sources = sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     rel = [os.path.relpath(p, here) for p in cpu_sources]
+    # OpenMP: at::parallel_for splits the systems over torch's threads (it shares torch's
+    # libgomp), and `omp simd` vectorises the kernels' reductions.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx, link = ["-O3", *openmp], openmp
     if use_cuda:
         rel += [os.path.relpath(p, here) for p in cuda_sources]
         return [
@@ -32,10 +37,11 @@ def get_extensions():
                 "rnf_fast._C",
                 rel,
                 define_macros=[("RNF_FAST_WITH_CUDA", None)],
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+                extra_link_args=link,
             )
         ]
-    return [CppExtension("rnf_fast._C", rel, extra_compile_args=["-O3"])]
+    return [CppExtension("rnf_fast._C", rel, extra_compile_args=cxx, extra_link_args=link)]
 
 
 def get_cmdclass():
@@ -47,7 +53,15 @@ def get_cmdclass():
 
 
 setup(
-    packages=["rnf_fast", "rnf_fast.data", "rnf_fast.evaluation", "rnf_fast.flows", "rnf_fast.kernels"],
+    packages=[
+        "rnf_fast",
+        "rnf_fast.data",
+        "rnf_fast.evaluation",
+        "rnf_fast.flows",
+        "rnf_fast.kernels",
+        "rnf_fast.models",
+        "rnf_fast.training",
+    ],
     package_dir={"rnf_fast": "rnf_fast", "rnf_fast.kernels": "kernels"},
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),

@@ -16,13 +16,31 @@ from .logdet import (
 )
 from .probes import make_probes
 
+
+def __getattr__(name: str):
+    # The model and trainer are re-exported lazily, so `import rnf_fast` stays as light as
+    # the log-det engine it is mostly imported for.
+    if name in ("RectangularFlow", "FlowConfig"):
+        from . import models
+
+        return getattr(models, name)
+    if name in ("train", "TrainConfig"):
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'rnf_fast' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "FlowConfig",
     "FuncLinearization",
     "Linearization",
     "LogdetInfo",
+    "RectangularFlow",
     "SingularJacobianError",
+    "TrainConfig",
     "available_backends",
     "backend_report",
     "choose_method",
@@ -30,5 +48,6 @@ __all__ = [
     "logdet",
     "logdet_grad",
     "make_probes",
+    "train",
     "use_backend",
 ]

@@ -1,0 +1,196 @@
+"""Training losses of a rectangular flow: maximum likelihood (ML), two-step (TS), ML without
+log det.
+
+ML (rectangular-flows maximum likelihood with a reconstruction penalty):
+
+    loss = - mean_i [ w · log p(x_i) - β · ‖x_i - g(g†(x_i))‖² ],
+    log p(x) = log p_Z(z) - ½ log det(JᵀJ),   z = g†(x) (graph kept),
+
+where the log det's gradient comes from :func:`rnf_fast.logdet_grad`; with w = 0 (likelihood
+warm-up) only the reconstruction term is computed. TS trains f by reconstruction alone and h by
+the likelihood of the detached z, one phase at a time. ML without log det drops the log det term.
+
+Every loss returns ``(loss, parts)``: the scalar to minimise and a dict of detached scalars for
+logging: ``loss``, ``recon`` (mean ‖x - g(g†(x))‖²), and where computed ``log_pz``
+(mean log p_Z(z)), ``logdet`` (mean log det JᵀJ) and ``nll`` (mean -log p(x)).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..logdet import DEFAULT_CG_TOL, Method, logdet_grad
+from ..models import RectangularFlow
+
+__all__ = ["OBJECTIVES", "TS_PHASES", "Objective", "ml_loss", "ts_loss"]
+
+ObjectiveKind = Literal["ml", "ts", "ml-no-logdet"]
+Phase = Literal["manifold", "density"]
+
+OBJECTIVES: tuple[str, ...] = ("ml", "ts", "ml-no-logdet")
+TS_PHASES: tuple[str, ...] = ("manifold", "density")
+
+
+def _sq_error(model: RectangularFlow, x: Tensor, z: Tensor) -> Tensor:
+    return ((x - model.decode(z)) ** 2).sum(1)
+
+
+def ml_loss(
+    model: RectangularFlow,
+    x: Tensor,
+    *,
+    weight: float = 1.0,
+    beta: float = 50.0,
+    with_logdet: bool = True,
+    method: Method = "auto",
+    probes: int = 1,
+    generator: torch.Generator | None = None,
+    tol: float = DEFAULT_CG_TOL,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The ML loss -mean[w · log p(x) - β ‖x - g(g†(x))‖²] and its parts.
+
+    Arguments:
+        model: the rectangular flow.
+        x: (B, D) a batch of data.
+        weight: w, the likelihood weight; at 0 neither log p_Z nor the log det is computed.
+        beta: β, the weight of the reconstruction penalty.
+        with_logdet: include -½ log det(JᵀJ) in log p (False: the ML-without-log-det baseline).
+        method, probes, generator, tol, chunk_size: of :func:`rnf_fast.logdet_grad`.
+
+    Returns:
+        (loss, parts): a scalar with a graph, and detached scalars (see the module docstring).
+    """
+    z = model.encode(x)
+    sq_error = _sq_error(model, x, z).mean()
+    loss = beta * sq_error
+    parts = {"recon": sq_error.detach()}
+    if weight > 0:
+        log_p = model.latent_log_prob(z)
+        parts["log_pz"] = log_p.mean().detach()
+        if with_logdet:
+            ld = logdet_grad(
+                model.decode,
+                z,
+                method=method,
+                probes=probes,
+                generator=generator,
+                tol=tol,
+                chunk_size=chunk_size,
+            )
+            log_p = log_p - 0.5 * ld
+            parts["logdet"] = ld.mean().detach()
+            parts["nll"] = -log_p.mean().detach()
+        loss = loss - weight * log_p.mean()
+    parts["loss"] = loss.detach()
+    return loss, parts
+
+
+def ts_loss(
+    model: RectangularFlow, x: Tensor, *, phase: Phase, beta: float = 50.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The two-step loss of one phase and its parts.
+
+    ``"manifold"``: β · mean ‖x - g(g†(x))‖², which depends on f only. ``"density"``:
+    -mean log p_Z(z) with z = g†(x) detached, which depends on h only.
+
+    Arguments:
+        model: the rectangular flow.
+        x: (B, D) a batch of data.
+        phase: ``"manifold"`` or ``"density"``.
+        beta: β, the weight of the reconstruction error in the manifold phase.
+
+    Returns:
+        (loss, parts) as :func:`ml_loss`.
+    """
+    if phase == "manifold":
+        sq_error = _sq_error(model, x, model.encode(x)).mean()
+        loss = beta * sq_error
+        parts = {"recon": sq_error.detach()}
+    elif phase == "density":
+        with torch.no_grad():
+            z = model.encode(x)
+        loss = -model.latent_log_prob(z).mean()
+        parts = {"log_pz": -loss.detach()}
+    else:
+        raise ValueError(f"phase must be one of {TS_PHASES}, got {phase!r}")
+    parts["loss"] = loss.detach()
+    return loss, parts
+
+
+class Objective(nn.Module):
+    """A training loss as a module whose ``forward`` returns it: what DDP wraps.
+
+    Holds the model as a submodule, so wrapping an ``Objective`` in
+    ``DistributedDataParallel`` synchronises the model's gradients, and the loss (log det
+    included) is computed inside the wrapped forward.
+
+    Arguments:
+        model: the rectangular flow.
+        kind: ``"ml"``, ``"ts"`` or ``"ml-no-logdet"``.
+        beta: β of the reconstruction penalty.
+        method, probes, tol, chunk_size: of :func:`rnf_fast.logdet_grad` (ML only).
+    """
+
+    def __init__(
+        self,
+        model: RectangularFlow,
+        *,
+        kind: ObjectiveKind = "ml",
+        beta: float = 50.0,
+        method: Method = "auto",
+        probes: int = 1,
+        tol: float = DEFAULT_CG_TOL,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in OBJECTIVES:
+            raise ValueError(f"kind must be one of {OBJECTIVES}, got {kind!r}")
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        self.model = model
+        self.kind = kind
+        self.beta = float(beta)
+        self.method = method
+        self.probes = probes
+        self.tol = tol
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        weight: float = 1.0,
+        phase: Phase | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss on a batch x (B, D) and its parts.
+
+        Arguments:
+            x: (B, D) data.
+            weight: the likelihood weight w (ML objectives).
+            phase: the TS phase, ``"manifold"`` or ``"density"`` (TS only).
+            generator: of the CG probes.
+
+        Returns:
+            (loss, parts) as :func:`ml_loss`.
+        """
+        if self.kind == "ts":
+            if phase is None:
+                raise ValueError(f"phase must be one of {TS_PHASES} for kind 'ts', got None")
+            return ts_loss(self.model, x, phase=phase, beta=self.beta)
+        return ml_loss(
+            self.model,
+            x,
+            weight=weight,
+            beta=self.beta,
+            with_logdet=self.kind == "ml",
+            method=self.method,
+            probes=self.probes,
+            generator=generator,
+            tol=self.tol,
+            chunk_size=self.chunk_size,
+        )

@@ -1,0 +1,504 @@
+"""The trainer: Adam over epochs of shuffled batches, validation with the exact log det, early
+stopping, atomic checkpoints and exact resumption, in one process or many (DDP).
+
+A run lives in a folder::
+
+    run_dir/metrics.jsonl   one JSON record per epoch (train and validation metrics)
+    run_dir/checkpoint.pt   the latest checkpoint (``resume=True`` continues from it)
+    run_dir/best.pt         the model with the lowest validation loss (``RectangularFlow.load``)
+    run_dir/model.pt        the final model (the best one when ``restore_best``)
+
+Randomness: the batch order and the CG probes of epoch e come from generators seeded by
+(``seed``, e) (and the rank, for probes), so a resumed run draws what the uninterrupted run
+would have drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Adam, Optimizer
+from tqdm.auto import tqdm
+
+from ..logdet import DEFAULT_CG_TOL
+from ..models import RectangularFlow, load_payload, load_state
+from ..models.rectangular import MODEL_FORMAT, MODEL_VERSION
+from . import distributed
+from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .objectives import OBJECTIVES, Objective
+
+__all__ = ["TrainConfig", "TrainHistory", "likelihood_weight", "train"]
+
+METHODS = ("auto", "exact", "cg")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training options, all plain values (a CLI fills it from flags or a file via ``from_dict``).
+
+    Fields:
+        objective: ``"ml"``, ``"ts"`` (two-step; alternates by epoch, manifold phase first) or
+            ``"ml-no-logdet"``.
+        method, probes, cg_tol, chunk_size: of the log-det gradient (``rnf_fast.logdet_grad``)
+            in training; validation always uses the exact log det.
+        beta: β, the weight of the reconstruction penalty.
+        warmup_start, warmup_end: the likelihood weight w is 0 up to epoch ``warmup_start``,
+            rises linearly (per step) to 1 at epoch ``warmup_end``, and is 1 after. While w is
+            0 the log det is not computed. Epochs count from 0; early stopping considers epochs
+            from ``warmup_end`` on. The TS objective ignores w.
+        lr: Adam's learning rate.
+        epochs: total number of epochs of the run (a resumed run counts the ones done).
+        batch_size: global batch size (split across processes under DDP).
+        patience: stop after this many epochs without a lower validation loss; None: never.
+        clip: clip the gradient norm to this value; None: no clipping.
+        seed: seeds the batch order, the probes, the ActNorm batch and the global RNG.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        max_nonfinite: stop with a RuntimeError after this many consecutive skipped steps
+            (non-finite loss or gradient).
+        init_samples: size of the random batch that initialises ActNorm.
+        eval_chunk_size: rows per chunk of the validation log-likelihood.
+        restore_best: end with the weights of the best validation epoch.
+
+    The validation loss is the same for every objective: -mean log p(x) + β mean
+    ‖x - g(g†(x))‖², with the exact log det, so runs of different objectives compare.
+        progress: show tqdm progress bars (rank 0 only).
+    """
+
+    objective: str = "ml"
+    method: str = "auto"
+    probes: int = 1
+    cg_tol: float = DEFAULT_CG_TOL
+    chunk_size: int | None = None
+    beta: float = 50.0
+    warmup_start: int = 0
+    warmup_end: int = 0
+    lr: float = 1e-3
+    epochs: int = 100
+    batch_size: int = 128
+    patience: int | None = 20
+    clip: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    max_nonfinite: int = 20
+    init_samples: int = 1024
+    eval_chunk_size: int = 1024
+    restore_best: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("probes", "epochs", "batch_size", "max_nonfinite", "init_samples"):
+            _check_int(name, getattr(self, name), low=1)
+        _check_int("eval_chunk_size", self.eval_chunk_size, low=1)
+        for name in ("warmup_start", "warmup_end", "seed"):
+            _check_int(name, getattr(self, name), low=0)
+        if self.warmup_end < self.warmup_start:
+            raise ValueError(
+                f"warmup_end must be >= warmup_start = {self.warmup_start}, got {self.warmup_end}"
+            )
+        for name, value in (("patience", self.patience), ("chunk_size", self.chunk_size)):
+            if value is not None:
+                _check_int(name, value, low=1)
+        for name, value in (("lr", self.lr), ("cg_tol", self.cg_tol), ("clip", self.clip)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(
+                f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            ) from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} was asked for, but CUDA is not available")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a dict of plain values."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a mapping, raising ``ValueError`` on unknown keys (missing: defaults)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _check_int(name: str, value: object, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class TrainHistory:
+    """What a run did.
+
+    Attributes:
+        records: one metrics dict per epoch, as in ``metrics.jsonl``: ``epoch``, ``phase``
+            (TS: ``"manifold"`` or ``"density"``, else None), ``weight`` (the likelihood weight
+            at the epoch's last step), ``train_<part>`` means over the epoch's finite steps
+            (parts as in ``rnf_fast.training.objectives``; ``train_recon`` is ‖x - g(g†(x))‖²
+            summed over the D coordinates),
+            ``val_loss``, ``val_nll``, ``val_recon``, ``val_logdet``, ``best``,
+            ``skipped_steps``, ``seconds``. Non-finite values are None.
+        best_epoch, best_val_loss: the best validation epoch after the warm-up, if any.
+        stop_reason: why the run ended.
+        nonfinite_steps: steps skipped in the whole run.
+    """
+
+    records: list[dict[str, Any]]
+    best_epoch: int | None
+    best_val_loss: float | None
+    stop_reason: str
+    nonfinite_steps: int
+
+
+def likelihood_weight(progress: float, *, start: int, end: int) -> float:
+    """The likelihood weight w at ``progress`` epochs: 0 up to start, linear, 1 from end on."""
+    if progress >= end:
+        return 1.0
+    if progress <= start:
+        return 0.0
+    return (progress - start) / (end - start)
+
+
+def _stream_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:
+    return (((seed * 1_000_003 + epoch) * 8 + stream) * 4096 + rank) % 2**63
+
+
+def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+
+
+def _check_data(name: str, x: Tensor, D: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != D or x.shape[0] < 1:
+        raise ValueError(f"{name} must be (N, D) = (N, {D}) with N >= 1, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(1).sum())
+        raise ValueError(f"{name} contains NaN or Inf in {bad} of {x.shape[0]} rows")
+
+
+class _Run:
+    """One training run: the model, its optimisers, the data on the device, the state."""
+
+    def __init__(
+        self,
+        model: RectangularFlow,
+        train_x: Tensor,
+        val_x: Tensor,
+        config: TrainConfig,
+        run_dir: Path,
+    ) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.rank, self.world = distributed.rank_and_world()
+        self.device = distributed.local_device(config.device)
+        self.model = model.to(self.device)
+        dtype = next(model.parameters()).dtype
+        self.train_x = train_x.to(self.device, dtype)
+        self.val_x = val_x.to(self.device, dtype)
+        if config.objective == "ts":
+            self.optimizers: dict[str, Optimizer] = {
+                "f": Adam(model.f.parameters(), lr=config.lr),
+                "h": Adam(model.h.parameters(), lr=config.lr),
+            }
+        else:
+            self.optimizers = {"model": Adam(model.parameters(), lr=config.lr)}
+        self.state = TrainState()
+        self.runner: torch.nn.Module = Objective(
+            model,
+            kind=config.objective,
+            beta=config.beta,
+            method=config.method,
+            probes=config.probes,
+            tol=config.cg_tol,
+            chunk_size=config.chunk_size,
+        )
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, resume: bool) -> None:
+        """Restore the checkpoint, or initialise ActNorm (rank 0) and broadcast; wrap in DDP."""
+        checkpoint = self.run_dir / "checkpoint.pt"
+        self.model.train()
+        if resume:
+            self.state = load_checkpoint(
+                checkpoint,
+                model=self.model,
+                optimizers=self.optimizers,
+                objective=self.config.objective,
+            )
+        elif checkpoint.exists():
+            raise FileExistsError(
+                f"run_dir {str(self.run_dir)!r} already holds a checkpoint; pass resume=True to "
+                "continue that run, or use a new run_dir"
+            )
+        else:
+            torch.manual_seed(self.config.seed)
+            if self.main:
+                shuffle = torch.Generator().manual_seed(_stream_seed(self.config.seed, 0, 2))
+                index = torch.randperm(len(self.train_x), generator=shuffle)
+                self.model.initialize(self.train_x[index[: self.config.init_samples]])
+            distributed.broadcast_module(self.model)
+        if self.main:
+            lines = "".join(json.dumps(r) + "\n" for r in self.state.history)
+            (self.run_dir / "metrics.jsonl").write_text(lines)
+        config = self.config
+        partial = config.objective == "ts" or config.warmup_end > 0
+        self.runner = distributed.wrap(
+            self.runner, device=self.device, find_unused_parameters=partial
+        )
+
+    def phase(self, epoch: int) -> str | None:
+        if self.config.objective != "ts":
+            return None
+        return ("manifold", "density")[epoch % 2]
+
+    def step(
+        self,
+        x: Tensor,
+        *,
+        share: float,
+        weight: float,
+        phase: str | None,
+        generator: torch.Generator,
+    ) -> dict[str, Tensor] | None:
+        """One optimiser step on this rank's slice x; None (and no step) when not finite."""
+        names = {None: ["model"], "manifold": ["f"], "density": ["h"]}[phase]
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss, parts = self.runner(x, weight=weight, phase=phase, generator=generator)
+        # Always backward, even on a non-finite loss: every DDP rank must join the reduction.
+        (loss * share).backward()
+        params = [
+            p
+            for name in names
+            for group in self.optimizers[name].param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        # Gradients are already averaged over the ranks; the losses are not.
+        bad = distributed.all_reduce_sum((~torch.isfinite(loss.detach())).double().reshape(1))
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+        if not bool(torch.isfinite(norm) & (bad == 0)):
+            return None
+        if self.config.clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.config.clip, norm)
+        for name in names:
+            self.optimizers[name].step()
+        return parts
+
+    def epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch; returns its train metrics."""
+        config, state = self.config, self.state
+        order = torch.randperm(
+            len(self.train_x),
+            generator=torch.Generator().manual_seed(_stream_seed(config.seed, epoch, 0)),
+        ).to(self.device)
+        probes = torch.Generator(device=self.device).manual_seed(
+            _stream_seed(config.seed, epoch, 1, self.rank)
+        )
+        batches = [b for b in order.split(config.batch_size) if len(b) >= self.world]
+        phase = self.phase(epoch)
+        sums: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        skipped = 0
+        weight = 0.0
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            leave=False,
+            disable=not (config.progress and self.main),
+        )
+        for i, index in enumerate(bar):
+            weight = likelihood_weight(
+                epoch + i / len(batches), start=config.warmup_start, end=config.warmup_end
+            )
+            local = distributed.shard(index)
+            parts = self.step(
+                self.train_x[local],
+                share=len(local) * self.world / len(index),
+                weight=weight,
+                phase=phase,
+                generator=probes,
+            )
+            if parts is None:
+                skipped += 1
+                state.nonfinite_run += 1
+                state.nonfinite_total += 1
+                if state.nonfinite_run >= config.max_nonfinite:
+                    raise RuntimeError(
+                        f"training stopped: {state.nonfinite_run} consecutive steps had a "
+                        f"non-finite loss or gradient (epoch {epoch}, step {i}); the model "
+                        "keeps its last finite weights. Try a lower lr, clip, a longer "
+                        "likelihood warm-up or method='exact'."
+                    )
+                continue
+            state.nonfinite_run = 0
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+            bar.set_postfix(loss=f"{float(parts['loss']):.4g}")
+        record: dict[str, Any] = {"epoch": epoch, "phase": phase, "weight": weight}
+        record.update({f"train_{k}": float(v) / counts[k] for k, v in sums.items()})
+        record["skipped_steps"] = skipped
+        return record
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """The validation loss -mean log p(x) + β mean ‖x - g(g†(x))‖² with the exact log det."""
+        self.model.eval()
+        try:
+            x = distributed.shard(self.val_x)
+            sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+            if len(x):
+                terms = self.model.log_prob_terms(x, chunk_size=self.config.eval_chunk_size)
+                columns = (-terms.log_prob, terms.sq_error, terms.logdet)
+                sums[:3] = torch.stack([c.double().sum() for c in columns])
+                sums[3] = len(x)
+            distributed.all_reduce_sum(sums)
+        finally:
+            self.model.train()
+        nll, recon, ld = (sums[:3] / sums[3]).tolist()
+        return {
+            "val_loss": nll + self.config.beta * recon,
+            "val_nll": nll,
+            "val_recon": recon,
+            "val_logdet": ld,
+        }
+
+    def finish_epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        """Early-stopping bookkeeping, then best model, checkpoint and metrics line (rank 0)."""
+        config, state = self.config, self.state
+        improved = False
+        if epoch >= config.warmup_end:
+            loss = record["val_loss"]
+            if math.isfinite(loss) and (state.best_val_loss is None or loss < state.best_val_loss):
+                state.best_val_loss, state.best_epoch, state.bad_epochs = loss, epoch, 0
+                improved = True
+            else:
+                state.bad_epochs += 1
+            patience = config.patience
+            state.stopped_early = patience is not None and state.bad_epochs >= patience
+        record["best"] = improved
+        record = _jsonable(record)
+        state.history.append(record)
+        state.epoch = epoch + 1
+        if self.main:
+            if improved:
+                self.model.save(self.run_dir / "best.pt")
+            save_checkpoint(
+                self.run_dir / "checkpoint.pt",
+                model=self.model,
+                optimizers=self.optimizers,
+                state=state,
+                train_config=config.to_dict(),
+            )
+            with open(self.run_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+
+    def finish(self) -> TrainHistory:
+        """Restore the best weights if asked, save the final model; the run's history."""
+        config, state = self.config, self.state
+        distributed.barrier()
+        if config.restore_best and state.best_epoch is not None:
+            best = load_payload(self.run_dir / "best.pt", kind=MODEL_FORMAT, version=MODEL_VERSION)
+            load_state(self.model, best["state_dict"], what="the best model")
+        if self.main:
+            self.model.save(self.run_dir / "model.pt")
+        if state.stopped_early:
+            reason = f"early stopping: no lower validation loss in {config.patience} epochs"
+        else:
+            reason = f"completed {state.epoch} epochs"
+        return TrainHistory(
+            records=list(state.history),
+            best_epoch=state.best_epoch,
+            best_val_loss=state.best_val_loss,
+            stop_reason=reason,
+            nonfinite_steps=state.nonfinite_total,
+        )
+
+
+def train(
+    model: RectangularFlow,
+    train_x: Tensor,
+    val_x: Tensor,
+    config: TrainConfig | Mapping[str, Any],
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+) -> TrainHistory:
+    """Train ``model`` in place on train_x, with early stopping on val_x; see the module docs.
+
+    Under an initialised process group (see :mod:`rnf_fast.training.distributed`) every rank
+    calls this with the same arguments and data; the ranks share each batch.
+
+    Arguments:
+        model: the rectangular flow (moved to ``config.device``; its dtype is kept and the
+            data are cast to it).
+        train_x: (N, D) finite training data.
+        val_x: (M, D) finite validation data.
+        config: a :class:`TrainConfig`, or a mapping of its fields.
+        run_dir: the run folder (created if missing).
+        resume: continue the run whose checkpoint is in run_dir; without it a run_dir that
+            already holds a checkpoint is refused.
+
+    Returns:
+        :class:`TrainHistory`.
+
+    Raises:
+        ValueError: bad data or options; FileExistsError: see ``resume``;
+        CheckpointError: a corrupt or mismatched checkpoint; RuntimeError: ``max_nonfinite``
+        consecutive non-finite steps.
+    """
+    if not isinstance(model, RectangularFlow):
+        raise TypeError(f"model must be a RectangularFlow, got {type(model).__name__}")
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.from_dict(config)
+    _check_data("train_x", train_x, model.D)
+    _check_data("val_x", val_x, model.D)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(model, train_x, val_x, config, run_dir)
+    run.start(resume)
+    epochs = tqdm(
+        range(run.state.epoch, config.epochs),
+        initial=run.state.epoch,
+        total=config.epochs,
+        desc="train",
+        disable=not (config.progress and run.main),
+    )
+    for epoch in epochs:
+        if run.state.stopped_early:
+            break
+        started = time.perf_counter()
+        record = run.epoch(epoch)
+        record.update(run.validate())
+        record["seconds"] = time.perf_counter() - started
+        run.finish_epoch(epoch, record)
+        epochs.set_postfix(val_loss=f"{record['val_loss']:.4g}")
+    return run.finish()

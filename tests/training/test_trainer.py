@@ -1,0 +1,186 @@
+"""The trainer: exact resumption, metrics log, early stopping after the warm-up, non-finite
+steps, and clear errors for bad options, data and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import rnf_fast.training.trainer as trainer
+from rnf_fast.models import CheckpointError, FlowConfig, RectangularFlow
+from rnf_fast.training import Objective, TrainConfig, likelihood_weight, train
+
+DTYPE = torch.float64
+MODEL = FlowConfig(D=3, d=1, f_layers=2, f_hidden=(8,), h_layers=1)
+
+
+def helix(n: int, *, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    t = 3 * torch.rand(n, generator=generator, dtype=DTYPE)
+    noise = 0.01 * torch.randn(n, 3, generator=generator, dtype=DTYPE)
+    return torch.stack([t.cos(), t.sin(), 0.3 * t], dim=1) + noise
+
+
+TRAIN, VAL = helix(96, seed=0), helix(32, seed=1)
+
+
+def options(**changes) -> dict:
+    base = {"epochs": 2, "batch_size": 32, "lr": 1e-2, "progress": False, "method": "exact"}
+    return {**base, **changes}
+
+
+def new_model(config: FlowConfig = MODEL) -> RectangularFlow:
+    return RectangularFlow(config).to(DTYPE)
+
+
+def fit(run_dir, *, model=None, resume=False, **changes):
+    model = new_model() if model is None else model
+    return model, train(model, TRAIN, VAL, options(**changes), run_dir, resume=resume)
+
+
+def without_time(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"objective": "ml", "method": "cg", "probes": 2, "warmup_end": 1, "clip": 5.0},
+        {"objective": "ts"},
+    ],
+    ids=["ml-cg-warmup", "ts"],
+)
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, changes):
+    changes = {**changes, "restore_best": False}
+    straight, history = fit(tmp_path / "straight", **changes)
+    fit(tmp_path / "split", epochs=1, **changes)
+    resumed, resumed_history = fit(tmp_path / "split", resume=True, **changes)
+    for (key, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), key
+    assert without_time(resumed_history.records) == without_time(history.records)
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert without_time(json.loads(line) for line in lines) == without_time(history.records)
+
+
+def test_run_folder_holds_log_checkpoint_and_loadable_models(tmp_path):
+    model, history = fit(tmp_path, epochs=3, warmup_start=0, warmup_end=2)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert records[0]["weight"] < 1 and records[2]["weight"] == 1.0
+    assert "train_logdet" in records[0] and math.isfinite(records[0]["val_nll"])
+    assert history.best_epoch == 2  # the only epoch after the warm-up
+    assert history.stop_reason == "completed 3 epochs"
+    for name in ("best.pt", "model.pt"):
+        loaded = RectangularFlow.load(tmp_path / name).eval()
+        torch.testing.assert_close(loaded.log_prob(VAL), model.eval().log_prob(VAL))
+
+
+def test_early_stopping_counts_from_the_end_of_the_warmup(tmp_path, monkeypatch):
+    val_losses = iter([0.0, 5.0, 4.0, 4.5, 4.6, 4.7, 4.8])
+
+    def fake_validate(self):
+        return {"val_loss": next(val_losses)}
+
+    monkeypatch.setattr(trainer._Run, "validate", fake_validate)
+    model, history = fit(tmp_path, epochs=7, warmup_end=1, patience=2)
+    assert history.best_epoch == 2 and history.best_val_loss == 4.0
+    assert len(history.records) == 5
+    assert history.stop_reason.startswith("early stopping")
+    best = RectangularFlow.load(tmp_path / "best.pt")
+    for (key, p), q in zip(best.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(p, q), key
+
+
+def nan_every(monkeypatch, period: int) -> None:
+    forward = Objective.forward
+    calls = iter(range(10**6))
+
+    def flaky(self, x, **kwargs):
+        loss, parts = forward(self, x, **kwargs)
+        return (loss * math.nan if next(calls) % period == 0 else loss), parts
+
+    monkeypatch.setattr(Objective, "forward", flaky)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    nan_every(monkeypatch, 2)
+    model, history = fit(tmp_path, epochs=2)
+    assert history.nonfinite_steps == 3 and [r["skipped_steps"] for r in history.records] == [2, 1]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path, monkeypatch):
+    nan_every(monkeypatch, 1)
+    model = new_model()
+    with pytest.raises(RuntimeError, match="3 consecutive steps had a non-finite loss"):
+        fit(tmp_path, model=model, max_nonfinite=3)
+    initial = new_model()
+    initial.initialize(TRAIN)  # no step was taken: the model is as initialised
+    for p, q in zip(model.parameters(), initial.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-12, rtol=1e-12)
+
+
+def test_likelihood_weight_ramps_linearly():
+    weights = [likelihood_weight(t, start=1, end=3) for t in (0.0, 1.0, 1.5, 2.0, 3.0, 7.0)]
+    assert weights == [0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
+    assert likelihood_weight(0.0, start=0, end=0) == 1.0
+
+
+def test_checkpoint_problems_raise_clear_errors(tmp_path):
+    fit(tmp_path, epochs=1)
+    with pytest.raises(FileExistsError, match="already holds a checkpoint; pass resume=True"):
+        fit(tmp_path, epochs=1)
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
+        fit(tmp_path / "empty", resume=True)
+    other = new_model(FlowConfig(**{**MODEL.to_dict(), "f_hidden": (9,)}))
+    with pytest.raises(CheckpointError, match=r"different model config.*f_hidden"):
+        fit(tmp_path, model=other, resume=True)
+    with pytest.raises(CheckpointError, match="objective 'ml', resuming with 'ts'"):
+        fit(tmp_path, resume=True, objective="ts")
+    with pytest.raises(
+        CheckpointError, match="holds torch.float64 weights .* model is torch.float32"
+    ):
+        fit(tmp_path, model=RectangularFlow(MODEL), resume=True)
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        fit(tmp_path, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"objective": "vae"}, "objective must be one of"),
+        ({"method": "dense"}, "method must be one of"),
+        ({"warmup_start": 3, "warmup_end": 1}, "warmup_end must be >= warmup_start = 3"),
+        ({"lr": 0.0}, "lr must be a finite number > 0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"patience": 0}, "patience must be an integer >= 1"),
+        ({"learning_rate": 1.0}, r"unknown TrainConfig option\(s\) \['learning_rate'\]"),
+        ({"device": "tpu:x"}, "device must be"),
+    ],
+)
+def test_bad_options_raise(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        fit(tmp_path, **changes)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_unavailable_cuda_raises():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        TrainConfig(device="cuda")
+
+
+def test_bad_data_raise(tmp_path):
+    model = new_model()
+    bad = TRAIN.clone()
+    bad[5, 0] = math.inf
+    with pytest.raises(ValueError, match="train_x contains NaN or Inf in 1 of 96 rows"):
+        train(model, bad, VAL, options(), tmp_path)
+    with pytest.raises(ValueError, match=r"val_x must be \(N, D\) = \(N, 3\)"):
+        train(model, TRAIN, VAL[:, :2], options(), tmp_path)
+    with pytest.raises(TypeError, match="model must be a RectangularFlow"):
+        train(torch.nn.Linear(3, 3), TRAIN, VAL, options(), tmp_path)
