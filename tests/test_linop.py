@@ -7,7 +7,6 @@ import rnf_fast
 from rnf_fast.baselines import dense_jacobian
 from rnf_fast.testing import NonVmappableDecoder, SinSoftplusDecoder, rel_error
 
-
 CASES = [
     ("sin-softplus, vmap", lambda: SinSoftplusDecoder(4, 5), "vmap"),
     ("sin-softplus, repeat", lambda: SinSoftplusDecoder(4, 5), "repeat"),
