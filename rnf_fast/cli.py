@@ -141,6 +141,12 @@ _TRAIN_FLAGS: list[tuple[str, str, str, dict]] = [
     ),
     ("--warmup-end", "train", "warmup_end", {"type": int, "help": "epoch at which it reaches 1"}),
     ("--lr", "train", "lr", {"type": float, "help": "Adam learning rate"}),
+    (
+        "--lr-schedule",
+        "train",
+        "lr_schedule",
+        {"choices": ["constant", "cosine"], "help": "learning-rate schedule over the epochs"},
+    ),
     ("--epochs", "train", "epochs", {"type": int, "help": "number of epochs"}),
     ("--batch-size", "train", "batch_size", {"type": int, "help": "batch size"}),
     (
@@ -179,17 +185,29 @@ def _print_results(results: dict, run_dir: str) -> None:
     print(f"run folder: {run_dir} (config.json, model.pt, results.json, metrics.jsonl, plots)")
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .runs import load_config_file, resolve_config, train_run
-
-    file_config = load_config_file(args.config) if args.config else None
-    config = resolve_config(args.dataset, file_config=file_config, overrides=_overrides(args))
+def _fresh_run_dir(config: dict) -> str:
+    """runs/DATASET-OBJECTIVE-METHOD-seedN, with -2, -3, ... appended if that exists."""
     t = config["train"]
-    run_dir = args.run_dir or os.path.join(
+    base = os.path.join(
         "runs",
         f"{config['dataset']}-{t.get('objective', 'ml')}-{t.get('method', 'auto')}"
         f"-seed{t.get('seed', 0)}",
     )
+    path, k = base, 1
+    while os.path.exists(path):
+        k += 1
+        path = f"{base}-{k}"
+    return path
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .runs import load_config_file, resolve_config, train_run
+
+    if args.resume and not args.run_dir:
+        raise SystemExit("--resume needs --run-dir: the run folder to continue")
+    file_config = load_config_file(args.config) if args.config else None
+    config = resolve_config(args.dataset, file_config=file_config, overrides=_overrides(args))
+    run_dir = args.run_dir or _fresh_run_dir(config)
     results = train_run(config, run_dir, resume=args.resume)
     _print_results(results, run_dir)
     return 0
@@ -244,7 +262,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="standardise the data (global: one scale, keeps manifolds' shape)",
     )
     p.add_argument("--config", help="JSON or TOML file with sections data, model, train")
-    p.add_argument("--run-dir", help="run folder (default: runs/DATASET-OBJECTIVE-METHOD-seedN)")
+    p.add_argument(
+        "--run-dir",
+        help="run folder (default: a new runs/DATASET-OBJECTIVE-METHOD-seedN[-k])",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for flag, _, _, options in _TRAIN_FLAGS:

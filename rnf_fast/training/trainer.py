@@ -56,6 +56,10 @@ class TrainConfig:
             0 the log det is not computed. Epochs count from 0; early stopping considers epochs
             from ``warmup_end`` on. The TS objective ignores w.
         lr: Adam's learning rate.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (lr decays per epoch along a half cosine to
+            ``lr_min_factor`` · lr at the last epoch; a function of the epoch alone, so a
+            resumed run follows the same schedule).
+        lr_min_factor: the final fraction of lr under the cosine schedule.
         epochs: total number of epochs of the run (a resumed run counts the ones done).
         batch_size: global batch size (split across processes under DDP).
         patience: stop after this many epochs without a lower validation loss; None: never.
@@ -82,6 +86,8 @@ class TrainConfig:
     warmup_start: int = 0
     warmup_end: int = 0
     lr: float = 1e-3
+    lr_schedule: str = "constant"
+    lr_min_factor: float = 0.01
     epochs: int = 100
     batch_size: int = 128
     patience: int | None = 20
@@ -114,6 +120,12 @@ class TrainConfig:
         for name, value in (("lr", self.lr), ("cg_tol", self.cg_tol), ("clip", self.clip)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
+        if not (math.isfinite(self.lr_min_factor) and 0 < self.lr_min_factor <= 1):
+            raise ValueError(f"lr_min_factor must be in (0, 1], got {self.lr_min_factor!r}")
         if not (math.isfinite(self.beta) and self.beta >= 0):
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta!r}")
         try:
@@ -166,6 +178,17 @@ class TrainHistory:
     best_val_loss: float | None
     stop_reason: str
     nonfinite_steps: int
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (from 0) under ``config.lr_schedule``."""
+    if config.lr_schedule == "constant" or config.epochs == 1:
+        return config.lr
+    progress = min(epoch / (config.epochs - 1), 1.0)
+    factor = config.lr_min_factor + (1 - config.lr_min_factor) * 0.5 * (
+        1 + math.cos(math.pi * progress)
+    )
+    return config.lr * factor
 
 
 def likelihood_weight(progress: float, *, start: int, end: int) -> float:
@@ -315,6 +338,10 @@ class _Run:
     def epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch; returns its train metrics."""
         config, state = self.config, self.state
+        lr = learning_rate(config, epoch)
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         order = torch.randperm(
             len(self.train_x),
             generator=torch.Generator().manual_seed(_stream_seed(config.seed, epoch, 0)),
@@ -366,6 +393,7 @@ class _Run:
         record: dict[str, Any] = {"epoch": epoch, "phase": phase, "weight": weight}
         record.update({f"train_{k}": float(v) / counts[k] for k, v in sums.items()})
         record["skipped_steps"] = skipped
+        record["lr"] = lr
         return record
 
     @torch.no_grad()

@@ -105,6 +105,8 @@ def test_cli_errors(tmp_path):
         main(["train", "--method", "svd"])
     with pytest.raises(SystemExit):
         main(["train", "--f-hidden", "64,x"])
+    with pytest.raises(SystemExit, match="--resume needs --run-dir"):
+        main(["train", "--resume"])
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         main(["eval", str(tmp_path)])
     with pytest.raises(ValueError, match="n must be a positive integer"):

@@ -184,3 +184,17 @@ def test_bad_data_raise(tmp_path):
         train(model, TRAIN, VAL[:, :2], options(), tmp_path)
     with pytest.raises(TypeError, match="model must be a RectangularFlow"):
         train(torch.nn.Linear(3, 3), TRAIN, VAL, options(), tmp_path)
+
+
+def test_cosine_learning_rate_schedule():
+    from rnf_fast.training.trainer import TrainConfig, learning_rate
+
+    cfg = TrainConfig(lr=1e-2, epochs=5, lr_schedule="cosine", lr_min_factor=0.1, progress=False)
+    lrs = [learning_rate(cfg, e) for e in range(5)]
+    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert learning_rate(TrainConfig(lr=3e-3, progress=False), 7) == 3e-3
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="lr_min_factor"):
+        TrainConfig(lr_min_factor=0.0)
