@@ -51,8 +51,20 @@ def _run(suite: str, name: str, flags: list[str], seed: int, root: Path) -> dict
     run = root / suite / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}"
     results = run / "results.json"
     if not results.exists():
-        cmd = [sys.executable, "-m", "rnf_fast.cli", "train", *flags, "--seed", str(seed),
-               "--data-seed", str(seed), "--run-dir", str(run), "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rnf_fast.cli",
+            "train",
+            *flags,
+            "--seed",
+            str(seed),
+            "--data-seed",
+            str(seed),
+            "--run-dir",
+            str(run),
+            "--no-progress",
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
         subprocess.run(cmd + resume, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -72,8 +84,7 @@ def _table(rows: dict[str, list[dict]], seeds: list[int]) -> str:
             cells = [c[2].format(r[c[0]]) if c[0] in r else "–" for c in present]
             lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
         med = [
-            c[2].format(statistics.median(r[c[0]] for r in results)) if c[0] in results[0]
-            else "–"
+            c[2].format(statistics.median(r[c[0]] for r in results)) if c[0] in results[0] else "–"
             for c in present
         ]
         lines.append(f"| **{name}** | median | " + " | ".join(med) + " |")
@@ -88,7 +99,9 @@ def main() -> None:
     parser.add_argument("--root", default="runs/quality", help="parent of the run folders")
     args = parser.parse_args()
     root = Path(args.root)
-    jobs = [(name, flags, seed) for name, flags in SUITES[args.suite].items() for seed in args.seeds]
+    jobs = [
+        (name, flags, seed) for name, flags in SUITES[args.suite].items() for seed in args.seeds
+    ]
     with ThreadPoolExecutor(args.jobs) as pool:
         done = list(pool.map(lambda j: _run(args.suite, j[0], j[1], j[2], root), jobs))
     rows: dict[str, list[dict]] = {}
