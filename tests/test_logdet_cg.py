@@ -113,7 +113,8 @@ def test_info_reports_iterations_residuals_and_convergence():
     decoder = mlp_decoder(6, 10)
     _, z = _params_and_z(decoder, 3, 6)
     _, info = rnf_fast.logdet_grad(decoder, z, method="cg", probes=2, tol=1e-6, return_info=True)
-    assert info.method == "cg" and info.probes == 2 and info.backend == "torch"
+    assert info.method == "cg" and info.probes == 2
+    assert info.backend == rnf_fast.available_backends("cpu")[0]
     assert info.cg_iterations.shape == (3, 2) and info.residuals.shape == (3, 2)
     assert bool(info.converged.all()) and bool((info.residuals <= 1e-6).all())
     assert info.matvecs == int(info.cg_iterations.max())
