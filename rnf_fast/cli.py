@@ -132,6 +132,12 @@ _TRAIN_FLAGS: list[tuple[str, str, str, dict]] = [
         },
     ),
     ("--probes", "train", "probes", {"type": int, "help": "Hutchinson probes K for cg"}),
+    (
+        "--probe-kind",
+        "train",
+        "probe_kind",
+        {"choices": ["rademacher", "gaussian", "orthogonal"], "help": "distribution of the probes"},
+    ),
     ("--beta", "train", "beta", {"type": float, "help": "reconstruction penalty β (50)"}),
     (
         "--warmup-start",

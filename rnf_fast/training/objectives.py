@@ -47,6 +47,7 @@ def ml_loss(
     with_logdet: bool = True,
     method: Method = "auto",
     probes: int = 1,
+    probe_kind: str = "rademacher",
     generator: torch.Generator | None = None,
     tol: float = DEFAULT_CG_TOL,
     chunk_size: int | None = None,
@@ -59,7 +60,8 @@ def ml_loss(
         weight: w, the likelihood weight; at 0 neither log p_Z nor the log det is computed.
         beta: β, the weight of the reconstruction penalty.
         with_logdet: include -½ log det(JᵀJ) in log p (False: the ML-without-log-det baseline).
-        method, probes, generator, tol, chunk_size: of :func:`rnf_fast.logdet_grad`.
+        method, probes, probe_kind, generator, tol, chunk_size: of
+            :func:`rnf_fast.logdet_grad`.
 
     Returns:
         (loss, parts): a scalar with a graph, and detached scalars (see the module docstring).
@@ -77,6 +79,7 @@ def ml_loss(
                 z,
                 method=method,
                 probes=probes,
+                probe_kind=probe_kind,
                 generator=generator,
                 tol=tol,
                 chunk_size=chunk_size,
@@ -132,7 +135,8 @@ class Objective(nn.Module):
         model: the rectangular flow.
         kind: ``"ml"``, ``"ts"`` or ``"ml-no-logdet"``.
         beta: β of the reconstruction penalty.
-        method, probes, tol, chunk_size: of :func:`rnf_fast.logdet_grad` (ML only).
+        method, probes, probe_kind, tol, chunk_size: of :func:`rnf_fast.logdet_grad` (ML
+            only).
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class Objective(nn.Module):
         beta: float = 50.0,
         method: Method = "auto",
         probes: int = 1,
+        probe_kind: str = "rademacher",
         tol: float = DEFAULT_CG_TOL,
         chunk_size: int | None = None,
     ) -> None:
@@ -156,6 +161,7 @@ class Objective(nn.Module):
         self.beta = float(beta)
         self.method = method
         self.probes = probes
+        self.probe_kind = probe_kind
         self.tol = tol
         self.chunk_size = chunk_size
 
@@ -190,6 +196,7 @@ class Objective(nn.Module):
             with_logdet=self.kind == "ml",
             method=self.method,
             probes=self.probes,
+            probe_kind=self.probe_kind,
             generator=generator,
             tol=self.tol,
             chunk_size=self.chunk_size,

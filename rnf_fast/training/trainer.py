@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..logdet import DEFAULT_CG_TOL
 from ..models import RectangularFlow, load_payload, load_state
 from ..models.rectangular import MODEL_FORMAT, MODEL_VERSION
+from ..probes import PROBE_KINDS
 from . import distributed
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .objectives import OBJECTIVES, Objective
@@ -48,7 +49,8 @@ class TrainConfig:
     Fields:
         objective: ``"ml"``, ``"ts"`` (two-step; alternates by epoch, manifold phase first) or
             ``"ml-no-logdet"``.
-        method, probes, cg_tol, chunk_size: of the log-det gradient (``rnf_fast.logdet_grad``)
+        method, probes, probe_kind, cg_tol, chunk_size: of the log-det gradient
+            (``rnf_fast.logdet_grad``)
             in training; validation always uses the exact log det.
         beta: β, the weight of the reconstruction penalty.
         warmup_start, warmup_end: the likelihood weight w is 0 up to epoch ``warmup_start``,
@@ -80,6 +82,7 @@ class TrainConfig:
     objective: str = "ml"
     method: str = "auto"
     probes: int = 1
+    probe_kind: str = "rademacher"
     cg_tol: float = DEFAULT_CG_TOL
     chunk_size: int | None = None
     beta: float = 50.0
@@ -103,6 +106,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.probe_kind not in PROBE_KINDS:
+            raise ValueError(f"probe_kind must be one of {PROBE_KINDS}, got {self.probe_kind!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("probes", "epochs", "batch_size", "max_nonfinite", "init_samples"):
@@ -255,6 +260,7 @@ class _Run:
             beta=config.beta,
             method=config.method,
             probes=config.probes,
+            probe_kind=config.probe_kind,
             tol=config.cg_tol,
             chunk_size=config.chunk_size,
         )

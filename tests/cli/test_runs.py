@@ -24,7 +24,7 @@ def test_resolve_config_layers_preset_file_and_flags():
     )
     assert cfg["dataset"] == "vonmises"
     assert cfg["train"]["epochs"] == 9 and cfg["train"]["lr"] == 0.01
-    assert cfg["model"]["f_layers"] == 3 and cfg["model"]["f_coupling"] == "spline"
+    assert cfg["model"]["f_layers"] == 3 and cfg["model"]["f_coupling"] == "affine"
 
 
 def test_config_files(tmp_path):
