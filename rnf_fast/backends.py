@@ -39,8 +39,17 @@ def _always() -> str | None:
     return None
 
 
+def _cpp_probe() -> str | None:
+    from .cpp_backend import unavailable_reason
+
+    return unavailable_reason()
+
+
 _REGISTRY: dict[str, _Entry] = {
     "torch": _Entry("torch", "rnf_fast.reference", ("cpu", "cuda", "mps", "xpu"), 0, _always),
+    # csrc/ compiled as rnf_fast._C; on CUDA tensors it runs the reference unless _C was built
+    # with CUDA (rnf_fast._C.WITH_CUDA).
+    "cpp": _Entry("cpp", "rnf_fast.cpp_backend", ("cpu", "cuda"), 10, _cpp_probe),
 }
 _local = threading.local()
 
