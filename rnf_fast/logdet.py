@@ -272,7 +272,12 @@ def _exact(lin, z, ops, ldtype, chunk_size, need_grad, on_singular, info):
         return value, None
     # Rows of A⁻¹Jᵀ are the columns of J A⁻¹ (A symmetric), the detached half of S. A d×d
     # inverse then one GEMM in the model's dtype is ~2.5x cheaper than a (d, D) triangular solve.
+    # Singular samples (NaN value) get an identity factor and a zero W: no gradient from them.
+    singular = info.singular
+    if bool(singular.any()):
+        L = torch.where(singular[:, None, None], torch.eye(d, dtype=L.dtype, device=L.device), L)
     WT = ops.cholesky_inverse(L).to(z.dtype) @ JT.detach()
+    WT = torch.where(singular[:, None, None], torch.zeros_like(WT), WT)
     if c == d:
         S = 2.0 * (WT * JT).sum((1, 2))
     else:
@@ -401,7 +406,7 @@ def logdet_grad(
             and reports it in ``LogdetInfo.jitter``; samples that still fail, and CG systems
             that meet non-positive curvature, get NaN and a warning. ``"raise"``: raise
             :class:`SingularJacobianError` (no jitter). ``"nan"``: NaN for those samples and a
-            warning (no jitter).
+            warning (no jitter). Samples with a NaN value contribute no gradient (exact path).
         return_info: also return a :class:`LogdetInfo`.
 
     Returns:

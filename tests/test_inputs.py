@@ -5,7 +5,7 @@ import torch
 
 import rnf_fast
 import rnf_fast.baselines
-from rnf_fast.testing import mlp_decoder
+from rnf_fast.testing import mlp_decoder, rel_error
 
 
 @pytest.fixture
@@ -104,6 +104,22 @@ def test_singular_jacobian_gives_nan_and_warns_on_request(method):
     assert bool(info.singular.any())
     assert bool(torch.isnan(v[info.singular]).all())
     assert bool(torch.isfinite(v[~info.singular]).all())
+
+
+@pytest.mark.parametrize("backend", rnf_fast.available_backends("cpu"))
+def test_exactly_zero_column_gives_nan_value_and_finite_gradient(backend):
+    W = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+
+    def decoder(z):  # sample 0 has z[0, 1] = 0 and loses its second direction entirely
+        return torch.tanh(torch.stack([z[:, 0], z[:, 1] * z[:, 1]], dim=1) @ W.T)
+
+    z = torch.tensor([[0.3, 0.0], [0.5, 0.7]], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="rank deficient"):
+        v = rnf_fast.logdet_grad(decoder, z, method="exact", on_singular="nan", backend=backend)
+    assert torch.isnan(v[0]) and torch.isfinite(v[1])
+    (g,) = torch.autograd.grad(v[1:].sum() + 0 * v[0].nan_to_num(), [W])
+    (g1,) = torch.autograd.grad(rnf_fast.logdet_grad(decoder, z[1:], method="exact").sum(), [W])
+    assert torch.isfinite(g).all() and rel_error(g, g1) < 1e-12
 
 
 def test_singular_jacobian_gets_bounded_reported_jitter_by_default():
