@@ -24,7 +24,19 @@ from pathlib import Path
 SUITES: dict[str, dict[str, list[str]]] = {
     "vonmises": {
         "exact": ["--dataset", "vonmises", "--method", "exact"],
+        # Rademacher probes (the default) have v² = 1, so with d = 1 CG's estimate is exact;
+        # Gaussian ones show what Hutchinson noise does to training.
         "cg K=1": ["--dataset", "vonmises", "--method", "cg", "--probes", "1"],
+        "cg K=1 (Gaussian probes)": [
+            "--dataset",
+            "vonmises",
+            "--method",
+            "cg",
+            "--probes",
+            "1",
+            "--probe-kind",
+            "gaussian",
+        ],
     },
     "embedded": {
         "ML (exact)": ["--dataset", "embedded-sphere", "--objective", "ml", "--method", "exact"],
@@ -48,7 +60,8 @@ COLUMNS = [
 
 
 def _run(suite: str, name: str, flags: list[str], seed: int, root: Path) -> dict:
-    run = root / suite / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}"
+    slug = "".join(c if c.isalnum() or c in "=-" else "_" for c in name).strip("_")
+    run = root / suite / f"{slug}-seed{seed}"
     results = run / "results.json"
     if not results.exists():
         cmd = [

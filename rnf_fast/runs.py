@@ -57,7 +57,9 @@ _BASE: dict[str, Any] = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The main job's default: d = 1 in R^2 with a known entropy (1.6274 nats), about 3 minutes.
-    "vonmises": {},
+    # β = 100: with the paper's 50 the circle's reconstruction MSE stayed at 1.1-1.7e-3 over
+    # three seeds; 100 brought it to 6e-4 with the NLL still within 0.02 nats of the entropy.
+    "vonmises": {"train": {"beta": 100.0}},
     "vmf-sphere": {},
     "embedded-sphere": {"data": {"D": 16}},
     "embedded-circle": {"data": {"D": 16}},
