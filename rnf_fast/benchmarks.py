@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from collections.abc import Callable
@@ -177,23 +176,43 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _hwm_bytes() -> int:
+    """The resident high-water mark of this process (VmHWM). Unlike ru_maxrss, which Linux
+    carries over from the parent across fork and exec, it belongs to this address space."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("VmHWM not found in /proc/self/status")
+
+
+def _reset_hwm() -> None:
+    """Reset VmHWM to the current resident set (Linux >= 4.0); harmless where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _memory_child(problem_name: str, contender: str, d: int | None) -> None:
     torch.set_num_threads(int(os.environ.get("RNF_BENCH_THREADS", torch.get_num_threads())))
     problem = make_problem(problem_name, d=d, truth=False)
     tiny = make_problem("quick", truth=False)
     make_step(tiny, contender)()  # load every code path on a tiny problem first
     step = make_step(problem, contender)
+    _reset_hwm()
     before = _rss_bytes()
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_bytes": max(peak - before, 0)}))
+    print(json.dumps({"peak_bytes": max(_hwm_bytes() - before, 0)}))
 
 
 def peak_memory(problem_name: str, contender: str, *, d: int | None = None) -> int:
     """Peak resident memory (bytes) one training step adds, in a fresh process.
 
-    The child builds the problem, warms the contender's code paths on a tiny problem, notes its
-    resident set, runs one step and reports the high-water mark above that. glibc's malloc is
+    The child builds the problem, warms the contender's code paths on a tiny problem, resets its
+    resident high-water mark (VmHWM), notes its resident set, runs one step and reports the
+    high-water mark above that. glibc's malloc is
     told to serve every block over 128 KiB by mmap (``MALLOC_MMAP_THRESHOLD_``), so freed
     tensors leave the resident set at once and the high-water mark is the step's own peak.
     CPU allocations are not tracked by torch, so this is the honest peak there. Linux only.
