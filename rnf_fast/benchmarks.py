@@ -291,11 +291,33 @@ def _table(rows: dict[str, tuple[float, list[float], dict]]) -> list[str]:
     return lines
 
 
-def report_markdown(results: dict) -> str:
-    """Turn a pytest-benchmark JSON (from ``bench/``) into Markdown, one table per problem.
+def _ops_table(problems: dict[str, dict[str, tuple[float, list[float], dict]]]) -> list[str]:
+    """One row per (op, size, dtype) group of backend contenders, with speed-ups over torch."""
+    backends = sorted({b for rows in problems.values() for b in rows if b != "torch"})
+    lines = [
+        "| op, systems, d, dtype | torch ms | "
+        + " | ".join(f"{b} ms | {b} speed-up" for b in backends)
+        + " |",
+        "|---|---:|" + "---:|---:|" * len(backends),
+    ]
+    for name, rows in problems.items():
+        torch_ms = rows["torch"][0] * 1e3 if "torch" in rows else float("nan")
+        cells = []
+        for b in backends:
+            ms = rows[b][0] * 1e3 if b in rows else float("nan")
+            cells.append(f"{ms:.2f} | {torch_ms / ms:.2f}×")
+        lines.append(f"| {name} | {torch_ms:.2f} | " + " | ".join(cells) + " |")
+    return lines
 
-    Times are per training step (median, 20th–80th percentile), speed-ups are a reference's
-    median over the contender's (higher is faster), memory is the peak a step adds.
+
+def report_markdown(results: dict) -> str:
+    """Turn a pytest-benchmark JSON (from ``bench/``) into Markdown.
+
+    Log-det problems get one table each: time per training step (median, 20th–80th
+    percentile), speed-ups (a reference's median over the contender's, higher is faster), the
+    peak memory a step adds, and the errors against the float64 truth. Backend comparisons of
+    single ops (contenders named after backends) are gathered in one table of speed-ups over
+    the torch backend.
     """
     problems: dict[str, dict[str, tuple[float, list[float], dict]]] = {}
     for b in results["benchmarks"]:
@@ -309,16 +331,18 @@ def report_markdown(results: dict) -> str:
         f"GPU: {info.get('gpu') or 'none'}, torch {info.get('torch', '?')}, "
         f"backends {info.get('backends', '?')}; commit {info.get('commit', '?')}.",
     ]
+    ops = {k: v for k, v in problems.items() if set(v) <= {"torch", "cpp", "triton"}}
     for name, rows in problems.items():
+        if name in ops:
+            continue
         spec = PROBLEMS.get(name)
-        title = (
-            name
-            if spec is None
-            else (
-                f"{name}: MLP d={spec.d} -> {spec.hidden} -> D={spec.D}, tanh, B={spec.B}, float32"
-            )
-        )
-        lines += ["", f"**{title}**", "", *_table(rows)]
+        title = name
+        if spec is not None:
+            title = f"{name}: MLP d={spec.d} -> {spec.hidden} -> D={spec.D}, tanh, B={spec.B}"
+        lines += ["", f"**{title}, float32**", "", *_table(rows)]
+    if ops:
+        lines += ["", "**Backends of the small ops (and one log-det training step)**", ""]
+        lines += _ops_table(ops)
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,8 @@ def test_auto_rule_follows_the_measured_costs():
             assert rnf_fast.choose_method(d, 1, path=path) == ("cg" if ratio > 1 else "exact")
     assert rnf_fast.choose_method(16, 1, path="generic") == "exact"
     assert rnf_fast.choose_method(64, 1, path="explicit") == "cg"
-    assert rnf_fast.choose_method(64, 4, path="explicit") == "exact"  # 4 probes cost more
+    assert rnf_fast.choose_method(16, 4, path="explicit") == "exact"  # 4 probes cost more
+    assert rnf_fast.choose_method(64, 4, path="explicit") == "cg"
     assert rnf_fast.choose_method(2, 1, path="explicit") == "exact"  # clamped below the table
     with pytest.raises(ValueError, match="path must be one of"):
         rnf_fast.choose_method(4, 1, path="gpu")
