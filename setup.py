@@ -1,7 +1,8 @@
 """Build script: the Python package, its Triton kernels, and the optional extension rnf_fast._C.
 
 The extension is built from csrc/ when sources exist there: CppExtension by default,
-CUDAExtension when a CUDA toolchain and a CUDA build of torch are present. Set
+CUDAExtension when a CUDA toolchain and a CUDA build of torch are present. It is optional: a
+failed build (no compiler, say) warns and installs the package without it. Set
 RNF_FAST_NO_EXTENSION=1 to skip it; the package then runs on its PyTorch fallback.
 """
 
@@ -39,9 +40,15 @@ def get_extensions():
                 define_macros=[("RNF_FAST_WITH_CUDA", None)],
                 extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
                 extra_link_args=link,
+                optional=True,
             )
         ]
-    return [CppExtension("rnf_fast._C", rel, extra_compile_args=cxx, extra_link_args=link)]
+    # optional: a machine without a working compiler still installs, on the PyTorch fallback.
+    return [
+        CppExtension(
+            "rnf_fast._C", rel, extra_compile_args=cxx, extra_link_args=link, optional=True
+        )
+    ]
 
 
 def get_cmdclass():
@@ -49,7 +56,20 @@ def get_cmdclass():
         return {}
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    class OptionalBuildExtension(BuildExtension):
+        """torch's BuildExtension, but a missing or failing compiler skips rnf_fast._C."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:
+                print(
+                    f"WARNING: rnf_fast._C was not built ({type(exc).__name__}: {exc}); "
+                    "rnf_fast installs without it and runs its PyTorch fallback",
+                    file=sys.stderr,
+                )
+
+    return {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}
 
 
 setup(
