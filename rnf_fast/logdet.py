@@ -455,8 +455,6 @@ def logdet_grad(
     if method == "exact":
         value, S = _exact(lin, z, ops, ldtype, chunk_size, need_grad, on_singular, info)
     else:
-        if probe_kind == "orthogonal" and d < K:
-            raise ValueError(f"orthogonal probes need probes <= d, got probes={K} and d={d}")
         V = _draw_probes(probes, z, probe_kind, generator)
         value, S = _cg(
             lin,
