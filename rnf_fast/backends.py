@@ -45,11 +45,20 @@ def _cpp_probe() -> str | None:
     return unavailable_reason()
 
 
+def _triton_probe() -> str | None:
+    from .triton_backend import unavailable_reason
+
+    return unavailable_reason()
+
+
 _REGISTRY: dict[str, _Entry] = {
     "torch": _Entry("torch", "rnf_fast.reference", ("cpu", "cuda", "mps", "xpu"), 0, _always),
     # csrc/ compiled as rnf_fast._C; on CUDA tensors it runs the reference unless _C was built
     # with CUDA (rnf_fast._C.WITH_CUDA).
     "cpp": _Entry("cpp", "rnf_fast.cpp_backend", ("cpu", "cuda"), 10, _cpp_probe),
+    # Triton kernels (rnf_fast.kernels) for gram and cg_update, the "cpp" ops for the rest;
+    # CUDA only (never CPU tensors, even where TRITON_INTERPRET=1 would run them).
+    "triton": _Entry("triton", "rnf_fast.triton_backend", ("cuda",), 20, _triton_probe),
 }
 _local = threading.local()
 

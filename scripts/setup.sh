@@ -34,6 +34,14 @@ PY
   pip install -q "torch==2.13.0" "${extra[@]}"
 fi
 
+# Triton: CUDA builds of torch bring the Triton they were built with (keep it); the CPU build
+# brings none, and the kernels' CPU tests (TRITON_INTERPRET=1) need 3.7.1: 3.6's interpreter
+# breaks with numpy >= 2.4.
+if ! .venv/bin/python -c "import triton" >/dev/null 2>&1; then
+  echo "setup: installing triton==3.7.1 (kernel tests in interpreter mode)"
+  pip install -q "triton==3.7.1"
+fi
+
 echo "setup: installing rnf_fast (editable) with its test, data, MNIST and plot extras"
 pip install -q --no-build-isolation -e ".[test,data,mnist,plots]"
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

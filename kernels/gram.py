@@ -1,0 +1,95 @@
+"""Batched Gram matrices A = JᵀJ: ``gram`` (the reference is :func:`rnf_fast.reference.gram`).
+
+One program computes a (BLOCK_I × BLOCK_I) tile of one sample's A, walking D in chunks.
+float32 uses ``tl.dot`` in IEEE precision; float64 (the engine's default linear-algebra dtype)
+accumulates outer products on the FMA units, a constexpr switch of the same kernel. J may be
+any strided view (the engine passes transposed slices of Jᵀ), so no copy is made.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["CONFIGS", "gram"]
+
+# dtype -> ((BLOCK_I, BLOCK_D), ...) by increasing BLOCK_I; the launcher takes the first
+# BLOCK_I >= d (else the last). float32 tiles are >= 16 for tl.dot; float64 tiles keep
+# BLOCK_D · BLOCK_I² at 2048 values (16 registers per thread at 4 warps).
+CONFIGS = {
+    torch.float32: ((16, 32), (32, 32), (64, 32)),
+    torch.float64: ((16, 8), (32, 2)),
+}
+
+
+@triton.jit
+def _gram_kernel(
+    j_ptr,
+    a_ptr,
+    D,
+    d,
+    stride_jb,
+    stride_jD,
+    stride_jd,
+    USE_DOT: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    rj = tl.program_id(2) * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = ri < d
+    j_ok = rj < d
+    rD = tl.arange(0, BLOCK_D)
+    base = j_ptr + b * stride_jb
+    acc = tl.zeros((BLOCK_I, BLOCK_I), dtype=a_ptr.dtype.element_ty)
+    for D0 in range(0, D, BLOCK_D):
+        rows = D0 + rD
+        rows_ok = rows < D
+        Ji = tl.load(
+            base + rows[:, None] * stride_jD + ri[None, :] * stride_jd,
+            mask=rows_ok[:, None] & i_ok[None, :],
+            other=0.0,
+        )
+        Jj = tl.load(
+            base + rows[:, None] * stride_jD + rj[None, :] * stride_jd,
+            mask=rows_ok[:, None] & j_ok[None, :],
+            other=0.0,
+        )
+        if USE_DOT:
+            acc = tl.dot(tl.trans(Ji), Jj, acc, input_precision="ieee")
+        else:
+            acc += tl.sum(Ji[:, :, None] * Jj[:, None, :], axis=0)
+    out = a_ptr + b * d * d + ri[:, None] * d + rj[None, :]
+    tl.store(out, acc, mask=i_ok[:, None] & j_ok[None, :])
+
+
+def gram(J: Tensor) -> Tensor:
+    """Compute A = JᵀJ for every sample.
+
+    Arguments:
+        J: (B, D, d) Jacobians, float32 or float64, any strides.
+
+    Returns:
+        (B, d, d) Gram matrices in J's dtype (contiguous).
+    """
+    if J.dim() != 3:
+        raise ValueError(f"J must be (B, D, d), got {tuple(J.shape)}")
+    if J.dtype not in CONFIGS:
+        raise TypeError(f"J must be float32 or float64, got {J.dtype}")
+    B, D, d = J.shape
+    A = torch.empty(B, d, d, dtype=J.dtype, device=J.device)
+    if A.numel() == 0:
+        return A
+    if D == 0:
+        return A.zero_()
+    configs = CONFIGS[J.dtype]
+    block_i, block_d = next((c for c in configs if c[0] >= d), configs[-1])
+    tiles = triton.cdiv(d, block_i)
+    _gram_kernel[(B, tiles, tiles)](
+        J, A, D, d, J.stride(0), J.stride(1), J.stride(2),
+        USE_DOT=J.dtype == torch.float32, BLOCK_I=block_i, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    return A

@@ -1,0 +1,96 @@
+"""The ``"triton"`` backend: the Triton kernels of :mod:`rnf_fast.kernels` on CUDA tensors.
+
+The same op names, signatures and semantics as :mod:`rnf_fast.reference` (the spec). ``gram``
+and ``cg_update`` run Triton kernels (float32 and float64, one launch each, no host
+synchronisation); the per-system sequential ops (``cholesky_logdet``, ``cholesky_inverse``,
+``lanczos_logquad``) are those of :mod:`rnf_fast.cpp_backend`, which runs the compiled CUDA
+kernels where ``rnf_fast._C`` was built with CUDA and the reference otherwise. Each op falls
+back to the reference where the kernels do not reach: tensors off CUDA, other dtypes, or a
+CG state with non-contiguous tensors.
+
+Like the ``"cpp"`` backend, :func:`cg_update` updates the state's tensors in place (the
+reference rebinds some of them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .cpp_backend import cholesky_inverse, cholesky_logdet, lanczos_logquad
+from .reference import JITTER_STEPS, CGState, cg_init, lanczos_tridiagonal
+
+__all__ = [
+    "CGState",
+    "cg_init",
+    "cg_update",
+    "cholesky_inverse",
+    "cholesky_logdet",
+    "gram",
+    "JITTER_STEPS",
+    "lanczos_logquad",
+    "lanczos_tridiagonal",
+    "unavailable_reason",
+]
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def unavailable_reason() -> str | None:
+    """Why the backend cannot be used here, or None when it can (Triton and a CUDA device)."""
+    from .kernels import triton_available
+
+    if not triton_available():
+        return "Triton is not installed (pip install triton)"
+    if not torch.cuda.is_available():
+        return "no CUDA device: the Triton kernels run on CUDA tensors only"
+    return None
+
+
+def _on_cuda(*tensors: Tensor) -> bool:
+    first = tensors[0]
+    return (
+        first.device.type == "cuda"
+        and first.dtype in _FLOATS
+        and all(t.device == first.device for t in tensors)
+    )
+
+
+def gram(J: Tensor) -> Tensor:
+    """Compute A = JᵀJ for every sample (one Triton launch on CUDA).
+
+    Arguments:
+        J: (B, D, d) Jacobians (any strides).
+
+    Returns:
+        (B, d, d) symmetric positive semi-definite Gram matrices.
+    """
+    if J.dim() != 3 or not _on_cuda(J):
+        return reference.gram(J)
+    from .kernels import gram as kernel
+
+    return kernel.gram(J)
+
+
+def cg_update(state: CGState, Ap: Tensor, tol: float) -> Tensor:
+    """Advance every active system by one CG step, given A p; update ``state`` in place.
+
+    Same semantics as :func:`rnf_fast.reference.cg_update`, in one fused Triton launch on CUDA.
+
+    Arguments:
+        state: the :class:`CGState` to advance (from :func:`cg_init`).
+        Ap: (N, d) the operator applied to ``state.p``.
+        tol: relative residual tolerance.
+
+    Returns:
+        (N,) the step sizes α of this step (0 for inactive systems).
+    """
+    floats = (state.x, state.r, state.p, state.rr, state.bb, state.alphas, state.betas)
+    same = all(t.dtype == state.x.dtype for t in floats)
+    tensors = (*floats, state.active, state.breakdown, state.steps, Ap)
+    if not (same and _on_cuda(*tensors) and all(t.is_contiguous() for t in tensors[:-1])):
+        return reference.cg_update(state, Ap, tol)
+    from .kernels import cg as kernel
+
+    return kernel.cg_update(state, Ap, tol)

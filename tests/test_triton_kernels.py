@@ -1,0 +1,281 @@
+"""The Triton kernels and the ``"triton"`` backend: interpreted kernels (in a subprocess),
+lazy Triton import, dispatch and fallbacks on CPU, and on a CUDA device the compiled kernels
+against their references (marked ``cuda``)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import torch
+from rnf_fast.kernels import reference as kernel_reference
+
+import rnf_fast
+from rnf_fast import kernels, reference, triton_backend
+from rnf_fast.testing import mlp_decoder, rel_error
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON, reason="Triton is not installed (pip install -e '.[test]' pins it on Linux)"
+)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_triton
+def test_kernels_pass_under_the_interpreter(tmp_path):
+    # TRITON_INTERPRET=1 must precede Triton's import: a fresh process runs the directory.
+    env = os.environ | {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/kernels_interp", "-q", "-x",
+         "-p", "no:cacheprovider", "-p", "no:randomly"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    tail = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in tail and "skipped" not in tail.splitlines()[-1], tail
+
+
+TRITON_MODULES = ("linear", "coupling", "gram", "cg")  # the kernel modules that import Triton
+
+
+def _module_level_imports(tree) -> list[str]:
+    """Modules imported outside any function body (what importing the file imports)."""
+    found, stack = [], list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append(node.module or "")
+        stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def test_only_the_kernel_modules_import_triton_at_import_time():
+    for path in [*ROOT.glob("rnf_fast/**/*.py"), *ROOT.glob("kernels/*.py")]:
+        if path.parent.name == "kernels" and path.stem in TRITON_MODULES:
+            continue
+        imported = _module_level_imports(ast.parse(path.read_text()))
+        assert not any(n.split(".")[0] == "triton" for n in imported), f"{path} imports triton"
+
+
+def test_rnf_fast_runs_without_loading_the_kernel_modules():
+    # On CPU nothing loads a Triton kernel module (so nothing of ours imports Triton).
+    code = (
+        "import sys, torch, rnf_fast\n"
+        "from rnf_fast import kernels\n"
+        "from rnf_fast.testing import mlp_decoder\n"
+        "X, W, S = torch.randn(2, 3, 4), torch.randn(5, 4), torch.rand(2, 5)\n"
+        "kernels.scaled_linear(X, W, S)\n"
+        "kernels.coupling_cotangent(torch.randn(2, 3, 5), torch.rand(2, 5), torch.randn(2, 5, 2))\n"
+        "rnf_fast.logdet_grad(mlp_decoder(2, 4), torch.randn(3, 2).double(), method='cg').sum()\n"
+        "rnf_fast.backend_report()\n"
+        f"loaded = [m for m in {TRITON_MODULES!r} if 'rnf_fast.kernels.' + m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_dispatch_on_cpu_is_the_reference():
+    X, W, S = torch.randn(2, 3, 4), torch.randn(5, 4), torch.rand(2, 5)
+    for transpose in (False, True):
+        x = torch.randn(2, 3, 5) if transpose else X
+        assert torch.equal(
+            kernels.scaled_linear(x, W, S, transpose=transpose),
+            kernel_reference.scaled_linear(x, W, S, transpose=transpose),
+        )
+    assert torch.equal(kernels.scaled_linear(X, W), X @ W.T)
+    dy_dx, dy_dtheta = torch.rand(2, 5), torch.randn(2, 5, 3)
+    dx_t, dtheta = torch.randn(2, 3, 5), torch.randn(2, 3, 5, 3)
+    assert torch.equal(
+        kernels.coupling_tangent(dx_t, dtheta, dy_dx, dy_dtheta),
+        kernel_reference.coupling_tangent(dx_t, dtheta, dy_dx, dy_dtheta),
+    )
+    got = kernels.coupling_cotangent(dx_t, dy_dx, dy_dtheta)
+    want = kernel_reference.coupling_cotangent(dx_t, dy_dx, dy_dtheta)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_kernel_references_match_dense_float64_truth():
+    # The references are the spec: check them against the maps they claim, built densely.
+    B, K, n_in, n_out, m, P = 2, 3, 4, 5, 6, 3
+    X, W, S = (torch.randn(B, K, n_in, dtype=torch.float64), torch.randn(n_out, n_in,
+               dtype=torch.float64), torch.rand(B, n_out, dtype=torch.float64))  # fmt: skip
+    Y = torch.einsum("bki,oi,bo->bko", X, W, S)
+    torch.testing.assert_close(kernel_reference.scaled_linear(X, W, S), Y)
+    C = torch.randn(B, K, n_out, dtype=torch.float64)
+    torch.testing.assert_close(
+        kernel_reference.scaled_linear(C, W, S, transpose=True),
+        torch.einsum("bko,oi,bo->bki", C, W, S),
+    )
+    # ⟨C, scaled_linear(X)⟩ = ⟨scaled_linear(C, transpose), X⟩: the two directions are adjoint.
+    lhs = (C * kernel_reference.scaled_linear(X, W, S)).sum()
+    rhs = (kernel_reference.scaled_linear(C, W, S, transpose=True) * X).sum()
+    torch.testing.assert_close(lhs, rhs)
+    dy_dx, dy_dtheta = (
+        torch.rand(B, m, dtype=torch.float64),
+        torch.randn(B, m, P, dtype=torch.float64),
+    )
+    dx_t, dtheta = (
+        torch.randn(B, K, m, dtype=torch.float64),
+        torch.randn(B, K, m, P, dtype=torch.float64),
+    )
+    ydot = kernel_reference.coupling_tangent(dx_t, dtheta, dy_dx, dy_dtheta)
+    dy_t = torch.randn(B, K, m, dtype=torch.float64)
+    xbar, thbar = kernel_reference.coupling_cotangent(dy_t, dy_dx, dy_dtheta)
+    torch.testing.assert_close((dy_t * ydot).sum(), (xbar * dx_t).sum() + (thbar * dtheta).sum())
+
+
+def test_triton_backend_is_registered_for_cuda_only(monkeypatch):
+    names = {row[0]: row for row in rnf_fast.backend_report()}
+    assert "triton" in names
+    assert "triton" not in rnf_fast.available_backends("cpu")
+    if not torch.cuda.is_available():
+        assert not names["triton"][1]
+        reason = names["triton"][2]
+        assert ("CUDA" in reason) if HAS_TRITON else ("Triton" in reason), reason
+        with pytest.raises(ValueError, match="backend 'triton' is not available"):
+            rnf_fast.logdet_grad(
+                mlp_decoder(2, 4), torch.randn(3, 2, dtype=torch.float64), backend="triton"
+            )
+    # Where Triton and a device exist, CUDA tensors get it first (above "cpp"), CPU never.
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda: None)
+    assert rnf_fast.available_backends("cuda")[0] == "triton"
+    assert "triton" not in rnf_fast.available_backends("cpu")
+    with pytest.raises(ValueError, match="does not serve device 'cpu'"):
+        rnf_fast.backends.get_backend("triton", torch.device("cpu"))
+
+
+def _clone(state):
+    return replace(state, **{f.name: getattr(state, f.name).clone() for f in fields(state)
+                             if isinstance(getattr(state, f.name), torch.Tensor)})  # fmt: skip
+
+
+def _spd_systems(N, d, dtype, device="cpu"):
+    G = torch.randn(N, d, d, dtype=torch.float64)
+    A = G @ G.transpose(1, 2) / d + 0.5 * torch.eye(d, dtype=torch.float64)
+    return A.to(dtype=dtype, device=device), torch.randn(N, d, dtype=dtype, device=device)
+
+
+def test_triton_backend_falls_back_to_the_reference_off_cuda():
+    J = torch.randn(3, 10, 4)
+    assert torch.equal(triton_backend.gram(J), reference.gram(J))
+    A, b = _spd_systems(5, 4, torch.float64)
+    ours, ref = reference.cg_init(b, 4), reference.cg_init(b, 4)
+    for _ in range(4):
+        a1 = triton_backend.cg_update(ours, (A @ ours.p.unsqueeze(-1)).squeeze(-1), 1e-6)
+        a2 = reference.cg_update(ref, (A @ ref.p.unsqueeze(-1)).squeeze(-1), 1e-6)
+        assert torch.equal(a1, a2)
+    assert torch.equal(ours.x, ref.x) and torch.equal(ours.alphas, ref.alphas)
+
+
+# ---------------------------------------------------------------- on a CUDA device
+
+
+def _within_2x(name, got, torch_run, truth):
+    err, err_torch = rel_error(got.double(), truth), rel_error(torch_run.double(), truth)
+    bound = max(2 * err_torch, torch.finfo(got.dtype).eps / 2)
+    assert err <= bound, f"{name}: kernel error {err:.3e} > 2 x PyTorch's {err_torch:.3e}"
+
+
+@pytest.mark.cuda
+@cuda
+@needs_triton
+@pytest.mark.parametrize("transpose", [False, True])
+def test_scaled_linear_on_cuda(transpose):
+    dev = "cuda"
+    B, K, n_in, n_out = 64, 16, 256, 784
+    X = torch.randn(B, K, n_out if transpose else n_in, device=dev)
+    W = torch.randn(n_out, n_in, device=dev) / n_in**0.5
+    S = torch.rand(B, n_out, device=dev)
+    got = kernels.scaled_linear(X, W, S, transpose=transpose)
+    ref = kernel_reference.scaled_linear(X, W, S, transpose=transpose)
+    truth = kernel_reference.scaled_linear(X.double(), W.double(), S.double(), transpose=transpose)
+    _within_2x("scaled_linear", got, ref, truth)
+
+
+@pytest.mark.cuda
+@cuda
+@needs_triton
+@pytest.mark.parametrize("P", [2, 23, 70])
+def test_coupling_on_cuda(P):
+    dev = "cuda"
+    B, K, m = 64, 16, 392
+    dy_dx, dy_dtheta = torch.rand(B, m, device=dev), torch.randn(B, m, P, device=dev)
+    dx_t, dtheta = torch.randn(B, K, m, device=dev), torch.randn(B, K, m, P, device=dev)
+    args = (dx_t, dtheta, dy_dx, dy_dtheta)
+    _within_2x("coupling_tangent", kernels.coupling_tangent(*args),
+               kernel_reference.coupling_tangent(*args),
+               kernel_reference.coupling_tangent(*(a.double() for a in args)))  # fmt: skip
+    got = kernels.coupling_cotangent(dx_t, dy_dx, dy_dtheta)
+    ref = kernel_reference.coupling_cotangent(dx_t, dy_dx, dy_dtheta)
+    truth = kernel_reference.coupling_cotangent(dx_t.double(), dy_dx.double(), dy_dtheta.double())
+    for g, r, t in zip(got, ref, truth):
+        _within_2x("coupling_cotangent", g, r, t)
+
+
+@pytest.mark.cuda
+@cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [16, 70])
+def test_gram_on_cuda(dtype, d):
+    JT = torch.randn(64, d, 784, device="cuda", dtype=dtype)
+    J = JT[:, :, 10:700].transpose(1, 2)
+    truth = reference.gram(J.double()) if dtype == torch.float32 else None
+    got = triton_backend.gram(J)
+    if truth is None:  # float64: compare with the float64 reference within its own rounding
+        torch.testing.assert_close(got, reference.gram(J))
+    else:
+        _within_2x("gram", got, reference.gram(J), truth)
+
+
+@pytest.mark.cuda
+@cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [16, 130])
+def test_cg_update_on_cuda_matches_the_reference(dtype, d):
+    A, b = _spd_systems(2000, d, dtype, "cuda")
+    n_steps = d + 4  # well-conditioned systems: every one stops on the tolerance before that
+    ours, ref = reference.cg_init(b, n_steps), reference.cg_init(b, n_steps)
+    for _ in range(n_steps):
+        triton_backend.cg_update(ours, (A @ ours.p.unsqueeze(-1)).squeeze(-1), 1e-5)
+        reference.cg_update(ref, (A @ ref.p.unsqueeze(-1)).squeeze(-1), 1e-5)
+    assert ours.it == ref.it == n_steps and not bool(ref.active.any())
+    assert torch.equal(ours.steps, ref.steps) and torch.equal(ours.breakdown, ref.breakdown)
+    x_true = torch.linalg.solve(A.double(), b.double())
+    _within_2x("cg x", ours.x, ref.x, x_true)
+    lanczos = [reference.lanczos_logquad(s.alphas, s.betas, s.steps, s.bb) for s in (ours, ref)]
+    torch.testing.assert_close(*lanczos)
+
+
+@pytest.mark.cuda
+@cuda
+@needs_triton
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_logdet_grad_with_the_triton_backend_on_cuda(method):
+    dec = mlp_decoder(16, 784, hidden=(256, 256)).float().cuda()
+    z = torch.randn(64, 16, device="cuda")
+    probes = torch.randn(64, 4, 16, device="cuda")
+    kw = {"method": method, "probes": probes} if method == "cg" else {"method": method}
+    assert rnf_fast.available_backends("cuda")[0] == "triton"
+    values, grads = {}, {}
+    for backend in ("triton", "torch"):
+        zz = z.clone().requires_grad_(True)
+        value, info = rnf_fast.logdet_grad(dec, zz, backend=backend, return_info=True, **kw)
+        assert info.backend == backend
+        value.sum().backward()
+        values[backend], grads[backend] = value.detach(), zz.grad
+    torch.testing.assert_close(values["triton"], values["torch"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-4, atol=1e-5)
