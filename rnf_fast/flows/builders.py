@@ -1,4 +1,5 @@
-"""Ready-made square flows: a flat coupling flow on R^n and a multi-scale RealNVP on images."""
+"""Ready-made square flows: a flat coupling flow on R^n, a multi-scale RealNVP on images, and the
+decoder-side image flow f of a rectangular flow (RealNVP read backwards, logit⁻¹ last)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Compose, Flow, check_positive, check_shape
+from .base import Compose, Flow, Inverse, check_positive, check_shape
 from .coupling import AffineCoupling
 from .image import (
     ChannelAffineCoupling,
@@ -18,9 +19,10 @@ from .image import (
 )
 from .linear import LULinear, Permutation
 from .norm import ActNorm
+from .preprocess import Logit
 from .spline import RationalQuadraticCoupling
 
-__all__ = ["flat_flow", "image_flow"]
+__all__ = ["flat_flow", "image_decoder", "image_flow"]
 
 COUPLINGS = ("affine", "spline")
 
@@ -160,3 +162,54 @@ def image_flow(
         return MultiScale(Compose(*layers), rest, shape=(4 * c, h // 2, w // 2))
 
     return Compose(Unflatten((C, H, W)), scale(C, H, W, num_scales))
+
+
+def image_decoder(
+    shape: Sequence[int],
+    *,
+    logit_alpha: float | None = 1e-6,
+    num_scales: int = 2,
+    blocks_per_scale: int = 3,
+    channels: int = 64,
+    num_res_blocks: int = 2,
+    norm: str | None = "group",
+    actnorm: bool = True,
+    log_scale_clamp: float = 3.0,
+) -> Inverse:
+    """The square flow f of a rectangular flow on images, oriented as the decoder.
+
+    The normalising direction (``f.inverse``, data to latent) reads x (B, D) as the image
+    (B, C, H, W) of dequantised pixels, applies ``Logit(alpha=logit_alpha)`` and then the
+    multi-scale RealNVP of :func:`image_flow`, so the convolutions see the data as an image and
+    the output is the flat multi-scale layout that the padding lives in. ``f.forward`` (the
+    decoder side) runs it backwards and ends with the logit's inverse, a scaled sigmoid:
+
+        f = (Logit ∘ image_flow⁻¹ ... )⁻¹,   f(y) = logit⁻¹(image_flow⁻¹(y)),
+
+    so ``g = logit⁻¹ ∘ image_flow⁻¹ ∘ pad``, and J, log det(JᵀJ) and the density on the manifold
+    are those of pixel space. ``logit_alpha=None`` leaves the logit out (f then works directly in
+    the units of the data).
+
+    Arguments:
+        shape: (C, H, W) of one image.
+        logit_alpha: α of the logit layer, or None for no logit layer.
+        num_scales, blocks_per_scale, channels, num_res_blocks, norm, actnorm, log_scale_clamp:
+            of :func:`image_flow`.
+
+    Returns:
+        An ``Inverse`` flow from (B, C·H·W) to (B, C·H·W); its ``layer`` is the normalising
+        flow ``Compose(Logit, image_flow)`` (or the bare ``image_flow`` without a logit).
+    """
+    core = image_flow(
+        shape,
+        num_scales=num_scales,
+        blocks_per_scale=blocks_per_scale,
+        channels=channels,
+        num_res_blocks=num_res_blocks,
+        norm=norm,
+        actnorm=actnorm,
+        log_scale_clamp=log_scale_clamp,
+    )
+    if logit_alpha is None:
+        return Inverse(core)
+    return Inverse(Compose(Logit(alpha=logit_alpha), core))

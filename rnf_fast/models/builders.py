@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..flows import ActNorm, Compose, Flow, flat_flow, image_flow, rational_quadratic_spline
+from ..flows import ActNorm, Compose, Flow, flat_flow, rational_quadratic_spline
 from ..flows.base import check_input, check_positive
+from ..flows.builders import image_decoder
 from .config import FlowConfig
 
 __all__ = ["ElementwiseSpline", "build_f", "build_h"]
@@ -58,13 +59,16 @@ class ElementwiseSpline(Flow):
 
 
 def build_f(config: FlowConfig) -> Flow:
-    """The square flow f on R^D: an image flow when ``config.image_shape`` is set, else flat."""
+    """The square flow f on R^D: the decoder-side image flow when ``config.image_shape`` is set
+    (``image_decoder``, with the logit layer of ``config.logit_alpha``), else a flat one."""
     if config.image_shape is not None:
-        return image_flow(
+        return image_decoder(
             config.image_shape,
+            logit_alpha=config.logit_alpha,
             num_scales=config.image_scales,
             blocks_per_scale=config.image_blocks,
             channels=config.image_channels,
+            num_res_blocks=config.image_res_blocks,
         )
     return flat_flow(
         config.D,

