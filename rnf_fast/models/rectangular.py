@@ -19,12 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from ..flows import ActNorm, Permutation
+from ..flows.linearized import PaddedFlowLinearization
 from ..logdet import Method, logdet
 from .builders import build_f, build_h
 from .config import FlowConfig
 from .serialization import atomic_save, load_payload, load_state
 
-__all__ = ["LogProbTerms", "RectangularFlow"]
+__all__ = ["LogProbTerms", "RectangularDecoder", "RectangularFlow"]
 
 MODEL_FORMAT = "rnf_fast.RectangularFlow"
 MODEL_VERSION = 1
@@ -54,6 +55,33 @@ def _check_rows(name: str, x: Tensor, width: int, what: str) -> None:
         raise ValueError(f"{name} must be (B, {what}) = (B, {width}), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+class RectangularDecoder(nn.Module):
+    """The decoder g = f ∘ perm ∘ pad of a rectangular flow, with its explicit linearization.
+
+    Calling it is ``model.decode``; :meth:`linearize` is what :func:`rnf_fast.logdet_grad` uses
+    (through :func:`rnf_fast.linearize`): one pass of the decoder caching every layer's Jacobian
+    factors, then J v and Jᵀ w without primal recomputation (see
+    :mod:`rnf_fast.flows.linearized`). Its parameters are the model's.
+
+    Arguments:
+        model: the :class:`RectangularFlow` whose decoder this is.
+    """
+
+    def __init__(self, model: RectangularFlow) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: Tensor) -> Tensor:
+        """x = g(z): z (B, d) -> (B, D)."""
+        return self.model.decode(z)
+
+    def linearize(self, z: Tensor) -> PaddedFlowLinearization:
+        """The decoder linearized at z (B, d): a :class:`rnf_fast.Linearization`."""
+        model = self.model
+        _check_rows("z", z, model.d, "d")
+        return PaddedFlowLinearization(z, flows=(model.pad_permutation, model.f), D=model.D)
 
 
 class RectangularFlow(nn.Module):
@@ -137,6 +165,13 @@ class RectangularFlow(nn.Module):
         y, _ = self.pad_permutation(padded)
         return self.f(y)[0]
 
+    @property
+    def decoder(self) -> RectangularDecoder:
+        """The decoder z -> :meth:`decode` (z) as a module with an explicit ``linearize(z)``:
+        pass it to :func:`rnf_fast.logdet_grad` / :func:`rnf_fast.logdet` instead of
+        ``decode`` for the fast path (same values and gradients)."""
+        return RectangularDecoder(self)
+
     def reconstruct(self, x: Tensor) -> Tensor:
         """The projection g(g†(x)) of x onto the learned manifold: x (B, D) -> (B, D)."""
         return self.decode(self.encode(x))
@@ -167,10 +202,11 @@ class RectangularFlow(nn.Module):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        decoder = self.decoder
         for chunk in x.split(chunk_size):
             z = self.encode(chunk)
-            sq_error = ((chunk - self.decode(z)) ** 2).sum(1)
-            parts.append((self.latent_log_prob(z), logdet(self.decode, z, method=method), sq_error))
+            sq_error = ((chunk - decoder(z)) ** 2).sum(1)
+            parts.append((self.latent_log_prob(z), logdet(decoder, z, method=method), sq_error))
         log_pz, ld, sq_error = (torch.cat(column) for column in zip(*parts))
         return LogProbTerms(log_pz - 0.5 * ld, log_pz, ld, sq_error)
 

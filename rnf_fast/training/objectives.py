@@ -75,7 +75,7 @@ def ml_loss(
         parts["log_pz"] = log_p.mean().detach()
         if with_logdet:
             ld = logdet_grad(
-                model.decode,
+                model.decoder,
                 z,
                 method=method,
                 probes=probes,
