@@ -1,21 +1,63 @@
-"""Exact against CG as d grows, on both linearization paths: the data behind ``method="auto"``.
+"""The cost model behind ``method="auto"``: exact against CG in matvec, tangent and d terms.
 
-MLP decoder d -> 256 -> 256 -> 784 (tanh), B = 64, float32: one training step of the log det
-term, median of several rounds with all contenders interleaved in one run, so the ratios are
-robust to machine noise. ``explicit`` is the nn.Sequential fast path, ``generic`` the torch.func
+MLP decoder d -> 256 -> 256 -> 784 (tanh), B = 64, float32 model, float64 CG, one training step
+of the log det term. ``explicit`` is the nn.Sequential fast path, ``generic`` the torch.func
 path (forced with ``batching="vmap"``).
 
-    python bench/study_auto.py > bench/results/auto.md
+Model (milliseconds at B = 64; m = batched matvecs CG performs, i.e. the slowest system):
+
+    exact(d)     = e0 + e1·d + e2·d²                       primal + d tangents and their backward,
+                                                            then JᵀJ and A⁻¹Jᵀ (d² D per sample)
+    cg(d, K, m)  = c0 + c1·K + m·(c2 + c3·K) + c4·K·m³     K differentiable tangents, m matvecs
+                                                            (fixed + per-probe part), Lanczos eigh
+
+fitted by non-negative least squares on relative error to the timings below, with m from
+:data:`EXPECTED_MATVECS`. The timings were measured on a quiet 2-core CPU (median of 5 rounds,
+all contenders interleaved; ``--time`` re-measures them, which is only meaningful on a quiet
+machine). The matvec counts do not depend on the load and are re-measured on every run.
+
+    python bench/study_auto.py          # fit, writes bench/results/auto.md
+    python bench/study_auto.py --time   # re-measure the timings first (quiet machine only)
 """
 
+import argparse
 import time
 import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import nnls
 
 from rnf_fast import logdet_grad
 from rnf_fast.benchmarks import make_problem
+from rnf_fast.logdet import AUTO_COST_MODEL, choose_method
 
 DS = [4, 8, 16, 32, 64, 128, 256]
 ROUNDS = 5
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (d, exact ms, cg K=1 ms, cg K=4 ms) on a quiet 2-core CPU (bench/results/auto.md).
+TIMINGS = {
+    "explicit": [
+        (4, 6.5, 6.8, 19.6),
+        (8, 9.8, 8.8, 21.1),
+        (16, 18.3, 11.3, 25.5),
+        (32, 39.4, 19.6, 37.1),
+        (64, 84.3, 27.3, 58.1),
+        (128, 173.1, 88.0, 256.4),
+        (256, 577.9, 489.3, 1594.2),
+    ],
+    "generic": [
+        (4, 8.8, 22.0, 31.5),
+        (8, 13.3, 33.6, 46.3),
+        (16, 21.2, 43.5, 59.7),
+        (32, 39.1, 54.7, 87.0),
+        (64, 74.1, 84.4, 126.2),
+        (128, 184.3, 290.8, 488.4),
+        (256, 595.7, 1167.0, 2520.1),
+    ],
+}
 
 
 def _step(problem, **kw):
@@ -27,11 +69,10 @@ def _step(problem, **kw):
     return run
 
 
-def main() -> None:
-    warnings.simplefilter("ignore")
-    print("| path | d | exact ms | cg K=1 ms | cg K=4 ms | exact / cg K=1 | exact / cg K=4 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+def measure_timings() -> dict[str, list[tuple[int, float, float, float]]]:
+    out = {}
     for path, batching in (("explicit", "auto"), ("generic", "vmap")):
+        out[path] = []
         for d in DS:
             problem = make_problem("mlp-16-784", d=d, truth=False)
             runs = {
@@ -46,12 +87,111 @@ def main() -> None:
                     t = time.perf_counter()
                     fn()
                     times[k].append(time.perf_counter() - t)
-            med = {k: sorted(v[2:])[rounds // 2] * 1e3 for k, v in times.items()}
-            print(
-                f"| {path} | {d} | {med['exact']:.1f} | {med['cg1']:.1f} | {med['cg4']:.1f} "
-                f"| {med['exact'] / med['cg1']:.2f} | {med['exact'] / med['cg4']:.2f} |",
-                flush=True,
+            med = [sorted(v[2:])[rounds // 2] * 1e3 for v in times.values()]
+            out[path].append((d, *med))
+    return out
+
+
+def measure_matvecs() -> dict[tuple[int, int], float]:
+    """Batched matvecs of CG (default tol and max_iter) per (d, K), mean over 3 probe draws."""
+    out = {}
+    for d in DS:
+        problem = make_problem("mlp-16-784", d=d, truth=False)
+        for K in (1, 4):
+            counts = []
+            for seed in range(3):
+                _, info = logdet_grad(
+                    problem.decoder,
+                    problem.z.detach(),
+                    method="cg",
+                    probes=K,
+                    generator=torch.Generator().manual_seed(seed),
+                    return_info=True,
+                )
+                counts.append(info.matvecs)
+            out[d, K] = sum(counts) / len(counts)
+    return out
+
+
+def _features_exact(d: float) -> list[float]:
+    return [1.0, d, d * d]
+
+
+def _features_cg(K: float, m: float) -> list[float]:
+    return [1.0, K, m, K * m, K * m**3]
+
+
+def fit(timings, matvecs) -> dict[str, dict[str, tuple[float, ...]]]:
+    """Non-negative least squares on relative error, per path."""
+
+    def nnls_rel(X, y):
+        X, y = np.asarray(X), np.asarray(y)
+        coef, _ = nnls(X / y[:, None], np.ones_like(y))
+        return tuple(float(c) for c in coef)
+
+    model = {}
+    for path, rows in timings.items():
+        exact = nnls_rel([_features_exact(d) for d, *_ in rows], [r[1] for r in rows])
+        X, y = [], []
+        for d, _, t1, t4 in rows:
+            for K, t in ((1, t1), (4, t4)):
+                X.append(_features_cg(K, matvecs[d, K]))
+                y.append(t)
+        model[path] = {"exact": exact, "cg": nnls_rel(X, y)}
+    return model
+
+
+def main() -> None:
+    warnings.simplefilter("ignore")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--time", action="store_true", help="re-measure the timings")
+    timings = measure_timings() if parser.parse_args().time else TIMINGS
+    matvecs = measure_matvecs()
+    model = fit(timings, matvecs)
+    lines = [
+        "Timings: one training step of the log det term, ms, MLP d -> 256 -> 256 -> 784, B = 64,",
+        "float32 model, quiet 2-core CPU (the inputs of the fit; see bench/study_auto.py).\n",
+        "| path | d | exact ms | cg K=1 ms | cg K=4 ms | matvecs K=1 | matvecs K=4 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path, rows in timings.items():
+        for d, te, t1, t4 in rows:
+            lines.append(
+                f"| {path} | {d} | {te:.1f} | {t1:.1f} | {t4:.1f} | {matvecs[d, 1]:.1f} "
+                f"| {matvecs[d, 4]:.1f} |"
             )
+    lines += ["", "Fitted cost model (ms at B = 64):\n"]
+    for path, m in model.items():
+        e, c = m["exact"], m["cg"]
+        lines.append(
+            f"- {path}: exact = {e[0]:.3g} + {e[1]:.3g}·d + {e[2]:.3g}·d²; cg = {c[0]:.3g} + "
+            f"{c[1]:.3g}·K + m·({c[2]:.3g} + {c[3]:.3g}·K) + {c[4]:.3g}·K·m³"
+        )
+    lines += [
+        "",
+        "Decisions: the faster measured method against the fitted model's choice, and the",
+        "choice of `choose_method` with the constants shipped in `rnf_fast.logdet`.\n",
+        "| path | d | K | measured faster | model | choose_method |",
+        "|---|---:|---:|---|---|---|",
+    ]
+    agree = total = 0
+    for path, rows in timings.items():
+        e, c = model[path]["exact"], model[path]["cg"]
+        for d, te, t1, t4 in rows:
+            pe = float(np.dot(e, _features_exact(d)))
+            for K, t in ((1, t1), (4, t4)):
+                pc = float(np.dot(c, _features_cg(K, matvecs[d, K])))
+                measured = "cg" if t < te else "exact"
+                fitted = "cg" if pc < pe else "exact"
+                shipped = choose_method(d, K, path=path)
+                agree += shipped == measured
+                total += 1
+                lines.append(f"| {path} | {d} | {K} | {measured} | {fitted} | {shipped} |")
+    lines += ["", f"`choose_method` agrees with the measured faster method in {agree}/{total}."]
+    lines += ["", f"Shipped constants: `AUTO_COST_MODEL = {AUTO_COST_MODEL}`"]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "auto.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

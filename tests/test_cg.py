@@ -96,3 +96,39 @@ def test_slq_mean_over_probes_estimates_logdet():
     se = est.std().item() / n**0.5
     assert abs(est.mean().item() - truth) < 4 * se
     assert se < 0.1 * abs(truth)  # the test has power: the bound is tight
+
+
+def test_warm_start_solves_and_stops_relative_to_b():
+    g = torch.Generator().manual_seed(4)
+    A = _spd(6, 9, 100.0, g)
+    b = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    truth = torch.linalg.solve(A, b)
+    x0 = truth + 0.01 * torch.randn(6, 9, generator=g, dtype=torch.float64)
+    steps_seen = []
+    res = batched_cg(_matvec(A), b, tol=1e-3, max_iter=30, x0=x0, on_step=steps_seen.append)
+    true_residual = (b - (A @ res.x.unsqueeze(-1)).squeeze(-1)).norm(dim=1) / b.norm(dim=1)
+    assert res.warm_start and bool(res.converged.all())
+    assert bool((true_residual <= 1.01e-3).all())  # relative to ‖b‖, not to ‖b - A x0‖
+    cold = batched_cg(_matvec(A), b, tol=1e-3, max_iter=30)
+    assert int(res.steps.sum()) < int(cold.steps.sum())
+    assert res.matvecs == res.alphas.shape[1] + 1  # the initial residual's product
+    assert torch.equal(steps_seen[0], torch.ones(6, dtype=torch.float64))  # 0 -> x0 along x0
+    with pytest.raises(ValueError, match="warm-started"):
+        res.logquad()
+
+
+def test_fixed_iterations_make_no_host_reads(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    A = _spd(4, 6, 30.0, g)
+    b = torch.randn(4, 6, generator=g, dtype=torch.float64)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("host synchronisation")
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    res = batched_cg(_matvec(A), b, tol=1e-6, max_iter=6, fixed_iterations=True, x0=0 * b)
+    with pytest.raises(AssertionError, match="host synchronisation"):
+        batched_cg(_matvec(A), b, tol=1e-6, max_iter=6)
+    monkeypatch.undo()
+    assert res.matvecs == 7 and rel_error(res.x, torch.linalg.solve(A, b)) < 1e-6

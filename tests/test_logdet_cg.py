@@ -139,3 +139,18 @@ def test_non_vmappable_decoder_through_cg():
     assert rel_error(value.detach(), truth.detach()) < 1e-9
     for g, t in zip(grads(value, inputs), grads(truth, inputs)):
         assert rel_error(g, t) < 1e-9 or t.norm() == 0
+
+
+def test_auto_cost_model_reproduces_the_measured_k1_decisions_and_uses_matvecs():
+    from rnf_fast.logdet import AUTO_EXACT_OVER_CG1, predicted_costs
+
+    for path, table in AUTO_EXACT_OVER_CG1.items():
+        for d, ratio in table:
+            exact, cg = predicted_costs(d, 1, path=path)
+            assert (cg < exact) == (ratio > 1), (path, d)
+    # Fewer expected matvecs (a preconditioner, a warm start) can only favour CG.
+    assert rnf_fast.choose_method(16, 4, path="explicit") == "exact"
+    assert rnf_fast.choose_method(16, 4, path="explicit", matvecs=2) == "cg"
+    assert rnf_fast.choose_method(64, 1, path="explicit", matvecs=500) == "exact"
+    with pytest.raises(ValueError, match="path must be one of"):
+        rnf_fast.choose_method(8, 1, path="cuda")
