@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .kernels import scaled_linear
+
 __all__ = ["SequentialLinearization", "supports_sequential"]
 
 
@@ -98,46 +100,77 @@ class SequentialLinearization:
         self.decoder = decoder
         self.z = z
         with torch.no_grad():
-            self.out, self._scales = self._primal(z.detach())
+            self.out, self._steps = self._primal(z.detach())
 
-    def _primal(self, x: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-        """Run the decoder, returning its output and per layer σ'(a) (None for Linear)."""
-        scales: list[Tensor | None] = []
+    def _primal(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor | None, Tensor | None]]]:
+        """Run the decoder, returning its output and its Jacobian as a chain of steps
+        (W, s): t -> (t Wᵀ) ⊙ s, with W None for an activation not preceded by a Linear and s
+        None for a Linear not followed by an activation. Each Linear is fused with the σ'(a) of
+        the activation right after it, so one ``scaled_linear`` call serves both."""
+        steps: list[tuple[Tensor | None, Tensor | None]] = []
+        fusable = False
         for m in self.decoder:
             if isinstance(m, nn.Identity):
-                scales.append(None)
                 continue
             if isinstance(m, nn.Linear):
-                scales.append(None)
+                steps.append((m.weight, None))
+                fusable = True
             else:
-                scales.append(_derivative(m)(x))
+                slope = _derivative(m)(x)
+                if fusable:
+                    steps[-1] = (steps[-1][0], slope)
+                else:
+                    steps.append((None, slope))
+                fusable = False
             x = m(x)
-        return x, scales
+        return x, steps
 
-    def _push(self, T: Tensor, scales: list[Tensor | None]) -> Tensor:
-        for m, s in zip(self.decoder, scales):
-            if isinstance(m, nn.Linear):
-                T = T @ m.weight.T
-            elif s is not None:
-                T = T * s.unsqueeze(1)
+    @staticmethod
+    def _push(T: Tensor, steps: list[tuple[Tensor | None, Tensor | None]]) -> Tensor:
+        for W, s in steps:
+            T = T * s.unsqueeze(1) if W is None else scaled_linear(T, W, s)
         return T
 
     def jvp(self, V: Tensor, *, create_graph: bool = False) -> Tensor:
         if not create_graph:
             with torch.no_grad():
-                return self._push(V, self._scales)
-        _, scales = self._primal(self.z)
-        return self._push(V, scales)
+                return self._push(V, self._steps)
+        _, steps = self._primal(self.z)
+        return self._push(V, steps)
 
     def vjp(self, W: Tensor) -> Tensor:
         with torch.no_grad():
             T = W
-            for m, s in zip(reversed(self.decoder), reversed(self._scales)):
-                if isinstance(m, nn.Linear):
-                    T = T @ m.weight
-                elif s is not None:
+            for weight, s in reversed(self._steps):
+                if weight is None:
                     T = T * s.unsqueeze(1)
+                else:
+                    T = scaled_linear(T, weight, s, transpose=True)
             return T
+
+    def gram(self, *, create_graph: bool = False) -> Tensor | None:
+        """A = JᵀJ (B, d, d) without forming J, when the decoder ends in a Linear W (D, n)
+        with no activation after it and that is cheaper: J = W M with M (B, n, d) the Jacobian
+        up to W's input, so A = Mᵀ (WᵀW) M; WᵀW is computed once per call, and the d tangents
+        never pass through the widest layer. Returns None where it does not pay (n too wide).
+
+        Arguments:
+            create_graph: differentiable with respect to z and the decoder's parameters.
+        """
+        W, s = self._steps[-1]
+        if W is None or s is not None:
+            return None
+        B, d = self.z.shape
+        D, n = W.shape
+        # Multiply-adds: (M G) Mᵀ and G = WᵀW against J = W M and JᵀJ.
+        if B * d * n * (n + d) + n * n * D >= B * d * D * (n + d):
+            return None
+        with torch.set_grad_enabled(create_graph):
+            steps = self._primal(self.z)[1] if create_graph else self._steps
+            E = torch.eye(d, dtype=self.z.dtype, device=self.z.device).expand(B, d, d)
+            MT = self._push(E, steps[:-1])  # (B, d, n): row k is M e_k
+            A = (MT @ (W.T @ W)) @ MT.transpose(1, 2)
+            return 0.5 * (A + A.transpose(1, 2))
 
     def gram_mv(self, V: Tensor) -> tuple[Tensor, Tensor]:
         JV = self.jvp(V)

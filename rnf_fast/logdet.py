@@ -23,17 +23,20 @@ from torch.utils.checkpoint import checkpoint
 from .backends import get_backend
 from .cg import batched_cg
 from .linop import Batching, Linearization, linearize
+from .precondition import build_preconditioner, check_preconditioner
 from .probes import PROBE_KINDS, ProbeKind, make_probes
 
 __all__ = [
-    "AUTO_CG_PROBE_EXPONENT",
+    "AUTO_COST_MODEL",
     "AUTO_EXACT_OVER_CG1",
+    "AUTO_EXPECTED_MATVECS",
     "DEFAULT_CG_TOL",
     "LogdetInfo",
     "SingularJacobianError",
     "choose_method",
     "logdet",
     "logdet_grad",
+    "predicted_costs",
 ]
 
 Method = Literal["auto", "exact", "cg"]
@@ -44,8 +47,9 @@ DEFAULT_CG_TOL = 1e-2
 250x below the Hutchinson noise, in 7.3 iterations against 11.1 at 1e-4."""
 
 # Time of one exact step over one CG step with K = 1, against d, for each linearization path:
-# the MLP decoder d -> 256 -> 256 -> 784, B = 64, float32, 2 CPU cores (bench/study_auto.py,
-# README). Above 1, CG is faster.
+# the MLP decoder d -> 256 -> 256 -> 784, B = 64, float32, quiet 2-core CPU (bench/study_auto.py,
+# bench/results/auto.md). Above 1, CG is faster. The measurements behind AUTO_COST_MODEL, which
+# reproduces every one of these K = 1 decisions.
 AUTO_EXACT_OVER_CG1: dict[str, tuple[tuple[int, float], ...]] = {
     "explicit": (
         (4, 0.97),
@@ -58,9 +62,68 @@ AUTO_EXACT_OVER_CG1: dict[str, tuple[tuple[int, float], ...]] = {
     ),
     "generic": ((4, 0.40), (8, 0.40), (16, 0.49), (32, 0.71), (64, 0.88), (128, 0.63), (256, 0.51)),
 }
-# CG's cost grows with the probes as K^0.5 (K = 4 cost 1.5-3.3x K = 1 in the same study,
-# median 2.0).
-AUTO_CG_PROBE_EXPONENT = 0.5
+
+AUTO_COST_MODEL: dict[str, dict[str, tuple[float, ...]]] = {
+    "explicit": {
+        "exact": (2.602, 0.9194, 0.004556),
+        "cg": (0.6037, 1.287, 0.7203, 0.4510, 1.323e-05),
+    },
+    "generic": {
+        "exact": (5.853, 0.8180, 0.005183),
+        "cg": (7.440, 0.0, 3.174, 0.6815, 1.404e-05),
+    },
+}
+"""Step time in ms (B = 64) of each method, fitted to bench/results/auto.md (quiet 2-core CPU):
+exact = e0 + e1·d + e2·d² (primal, d tangents and their backward, JᵀJ and A⁻¹Jᵀ) and
+cg = c0 + c1·K + m·(c2 + c3·K) + c4·K·m³ (K differentiable tangents, m batched matvecs with a
+fixed and a per-probe part, the Lanczos eigen-solves), m the matvecs CG needs. Per matvec the
+generic path pays 3.2 ms + 0.68 ms per probe (it re-runs the primal), the explicit one
+0.72 + 0.45 ms: so CG only wins on the explicit path."""
+
+AUTO_EXPECTED_MATVECS: tuple[tuple[int, float], ...] = (
+    (4, 4.0),
+    (8, 6.3),
+    (16, 9.0),
+    (32, 12.0),
+    (64, 20.7),
+    (128, 70.0),
+    (256, 256.0),
+)
+"""Batched matvecs of CG (K = 1, default tolerance, mean of 3 probe draws) against d on the
+standard MLP problem (bench/study_auto.py; K = 4 needs up to 10% more). A trained digits flow
+(d = 10) needs 8.25 (bench/results/precond.md)."""
+
+
+def _interp_log2(table: tuple[tuple[int, float], ...], d: float) -> float:
+    x = math.log2(min(max(d, table[0][0]), table[-1][0]))
+    for (d0, y0), (d1, y1) in zip(table, table[1:]):
+        if x <= math.log2(d1):
+            t = (x - math.log2(d0)) / (math.log2(d1) - math.log2(d0))
+            return y0 + t * (y1 - y0)
+    return table[-1][1]
+
+
+def predicted_costs(
+    d: int, K: int, *, path: str = "generic", matvecs: float | None = None
+) -> tuple[float, float]:
+    """Predicted step times (exact, cg) in ms at B = 64 from :data:`AUTO_COST_MODEL`.
+
+    Arguments:
+        d: latent dimension, clamped to the measured range 4..256.
+        K: probes per sample of CG.
+        path: ``"explicit"`` or ``"generic"``.
+        matvecs: CG's batched matvecs m; default: :data:`AUTO_EXPECTED_MATVECS` at d.
+
+    Returns:
+        (exact ms, cg ms).
+    """
+    if path not in AUTO_COST_MODEL:
+        raise ValueError(f"path must be one of {sorted(AUTO_COST_MODEL)}, got {path!r}")
+    d = min(max(d, AUTO_EXPECTED_MATVECS[0][0]), AUTO_EXPECTED_MATVECS[-1][0])
+    m = _interp_log2(AUTO_EXPECTED_MATVECS, d) if matvecs is None else float(matvecs)
+    e0, e1, e2 = AUTO_COST_MODEL[path]["exact"]
+    c0, c1, c2, c3, c4 = AUTO_COST_MODEL[path]["cg"]
+    return e0 + e1 * d + e2 * d * d, c0 + c1 * K + m * (c2 + c3 * K) + c4 * K * m**3
 
 
 class SingularJacobianError(RuntimeError):
@@ -85,6 +148,15 @@ class LogdetInfo:
         converged: (B, K) whether each system met the tolerance (CG only).
         jitter: (B,) absolute jitter added to JᵀJ (exact only, 0 where none was needed).
         singular: (B,) samples whose JᵀJ was not numerically positive definite.
+        preconditioner: ``"jacobi"``, ``"batch"``, ``"given"`` or None (CG only).
+        solution: (B, K, d) the CG solutions u_k = A⁻¹ v_k, v_k = L ε_k (v_k = ε_k without a
+            preconditioner), in ``linalg_dtype``: a warm start ``x0`` for a later call with the
+            same probes and preconditioner (CG only).
+        value_available: False when the returned value is not an estimate of log det A (it
+            is then NaN; the gradient is still right).
+        value_unavailable_reason: why, when ``value_available`` is False.
+        gram: how the exact path formed A: ``"tangents"`` (J from d tangents, then JᵀJ) or
+            ``"factored"`` (A = Mᵀ(WᵀW)M without J, see ``SequentialLinearization.gram``).
     """
 
     method: str
@@ -99,38 +171,38 @@ class LogdetInfo:
     converged: Tensor | None = None
     jitter: Tensor | None = None
     singular: Tensor | None = None
+    preconditioner: str | None = None
+    solution: Tensor | None = None
+    value_available: bool = True
+    value_unavailable_reason: str | None = None
+    gram: str | None = None
 
 
-def choose_method(d: int, K: int, *, path: str = "generic") -> str:
-    """The ``method="auto"`` rule, from measured costs: the cheaper of exact and CG.
+def choose_method(d: int, K: int, *, path: str = "generic", matvecs: float | None = None) -> str:
+    """The ``method="auto"`` rule: the cheaper of exact and CG under the measured cost model.
 
-    The exact path costs one primal and d tangents pushed together, then a d×d Cholesky; CG
-    costs, per iteration, a JVP and a VJP for K probes, plus K differentiable tangents, and
-    needs more iterations as d (and the conditioning) grows. ``AUTO_EXACT_OVER_CG1`` holds the
-    measured time ratio exact / CG(K=1) against d for each linearization path; the ratio is
-    interpolated in log d (clamped outside the measured range) and CG is chosen when it exceeds
-    K^``AUTO_CG_PROBE_EXPONENT`` (K^0.5), the measured growth of CG's cost with K. On the generic
-    ``torch.func`` path (every matvec re-runs the primal) exact wins at every measured d; on the
-    explicit MLP path CG with K = 1 wins from d = 8 up, CG with K = 4 around d = 32-64.
+    The exact path costs one primal and d tangents pushed together (and their backward), then
+    JᵀJ and A⁻¹Jᵀ (d² D per sample); CG costs K differentiable tangents, m batched matvecs (a
+    JVP and a VJP for K probes each) and the Lanczos eigen-solves. :func:`predicted_costs`
+    evaluates both from :data:`AUTO_COST_MODEL` with m from :data:`AUTO_EXPECTED_MATVECS`;
+    it picks the faster method at all 28 measured points (d = 4..256, K = 1 and 4, both
+    paths; bench/results/auto.md; the closest call, explicit d = 32 with K = 4, is a 6% tie).
+    On the generic ``torch.func`` path exact wins at every d; on the explicit path CG with
+    K = 1 wins from d = 8 up, with K = 4 from d = 32 to 64. Outside d = 4..256 the decision
+    at the nearest measured d is used.
 
     Arguments:
         d: latent dimension.
         K: probes per sample the stochastic path would use.
         path: ``"explicit"`` (a linearization with cached factors) or ``"generic"``.
+        matvecs: expected CG matvecs, if known better than the default (e.g. with a
+            preconditioner, or from an earlier step's ``LogdetInfo.matvecs``).
 
     Returns:
         ``"exact"`` or ``"cg"``.
     """
-    if path not in AUTO_EXACT_OVER_CG1:
-        raise ValueError(f"path must be one of {sorted(AUTO_EXACT_OVER_CG1)}, got {path!r}")
-    table = AUTO_EXACT_OVER_CG1[path]
-    x = math.log2(min(max(d, table[0][0]), table[-1][0]))
-    for (d0, r0), (d1, r1) in zip(table, table[1:]):
-        if x <= math.log2(d1):
-            t = (x - math.log2(d0)) / (math.log2(d1) - math.log2(d0))
-            ratio = r0 + t * (r1 - r0)
-            break
-    return "cg" if ratio > K**AUTO_CG_PROBE_EXPONENT else "exact"
+    exact, cg = predicted_costs(d, K, path=path, matvecs=matvecs)
+    return "cg" if cg < exact else "exact"
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -164,7 +236,8 @@ def _check_decoder(decoder: object, z: Tensor) -> None:
             )
 
 
-def _check_output(out: Tensor, z: Tensor) -> None:
+def _check_output_shape(out: Tensor, z: Tensor) -> None:
+    """Shapes, dtype and device of the decoder's output: no host synchronisation."""
     B, d = z.shape
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != B:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -175,6 +248,12 @@ def _check_output(out: Tensor, z: Tensor) -> None:
         raise ValueError(
             f"decoder output is {out.dtype} on {out.device} but z is {z.dtype} on {z.device}"
         )
+
+
+def _check_output(out: Tensor, z: Tensor) -> None:
+    """:func:`_check_output_shape`, and that the output is finite (a host synchronisation)."""
+    B = z.shape[0]
+    _check_output_shape(out, z)
     if not bool(torch.isfinite(out).all()):
         bad = int((~torch.isfinite(out)).any(1).sum())
         raise ValueError(f"decoder output contains NaN or Inf in {bad} of {B} samples")
@@ -192,6 +271,20 @@ def _check_probes(probes: int | Tensor, z: Tensor) -> int:
     if probes.device != z.device:
         raise ValueError(f"probes are on {probes.device} but z is on {z.device}")
     return probes.shape[1]
+
+
+def _check_x0(x0: object, z: Tensor, K: int) -> None:
+    if x0 is None:
+        return
+    B, d = z.shape
+    if not isinstance(x0, Tensor):
+        raise TypeError(f"x0 must be None or a (B, K, d) tensor, got {type(x0).__name__}")
+    if tuple(x0.shape) != (B, K, d):
+        raise ValueError(f"x0 must be (B, K, d) = ({B}, {K}, {d}), got {tuple(x0.shape)}")
+    if not x0.is_floating_point() or x0.device != z.device:
+        raise ValueError(f"x0 must be floating point on {z.device}, got {x0.dtype} on {x0.device}")
+    if not bool(torch.isfinite(x0).all()):
+        raise ValueError("x0 contains NaN or Inf")
 
 
 def _draw_probes(
@@ -245,18 +338,9 @@ def _gram(ops, JT: Tensor, ldtype: torch.dtype, block: int = 256) -> Tensor:
     )
 
 
-def _exact(lin, z, ops, ldtype, chunk_size, need_grad, on_singular, info):
-    B, d = z.shape
-    E = torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)  # row k is e_k
-    c = d if chunk_size is None else min(chunk_size, d)
-    starts = range(0, d, c)
-    if need_grad and c == d:
-        JT = lin.jvp(E, create_graph=True)  # (B, d, D): JT[:, k] = J e_k
-    else:
-        JT = torch.cat([lin.jvp(E[:, s : s + c]) for s in starts], dim=1)
-    _check_output(lin.out, z)
+def _factor(ops, A: Tensor, on_singular: str, info) -> tuple[Tensor, Tensor]:
+    """Cholesky of A (B, d, d) in the linear-algebra dtype with bounded jitter: (L, log det A)."""
     steps = ops.JITTER_STEPS if on_singular == "jitter" else ()
-    A = _gram(ops, JT.detach(), ldtype)
     L, value, jitter, cinfo = ops.cholesky_logdet(A, jitter_steps=steps)
     info.jitter, info.singular = jitter, cinfo > 0
     _report_singular(info.singular, on_singular, "exact path")
@@ -267,18 +351,50 @@ def _exact(lin, z, ops, ldtype, chunk_size, need_grad, on_singular, info):
             "Cholesky factorisation; their log det is that of JᵀJ + jitter·I (see "
             "LogdetInfo.jitter with return_info=True)",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
+    return L, value
+
+
+def _inverse(ops, L: Tensor, singular: Tensor, dtype: torch.dtype) -> Tensor:
+    """A⁻¹ (B, d, d) from its Cholesky factor, in ``dtype``; zero for singular samples (NaN
+    value), so they contribute no gradient."""
+    d = L.shape[-1]
+    if bool(singular.any()):
+        L = torch.where(singular[:, None, None], torch.eye(d, dtype=L.dtype, device=L.device), L)
+    inv = ops.cholesky_inverse(L).to(dtype)
+    return torch.where(singular[:, None, None], torch.zeros_like(inv), inv)
+
+
+def _exact(lin, z, ops, ldtype, chunk_size, need_grad, on_singular, info):
+    B, d = z.shape
+    # A linearization that can form A = JᵀJ without J (a decoder ending in a linear layer W
+    # narrower than D: A = Mᵀ(WᵀW)M) returns it from gram(); the surrogate is then
+    # tr(stopgrad(A⁻¹) A), whose gradient is tr(A⁻¹ ∂A) = ∂ log det A.
+    gram = getattr(lin, "gram", None)
+    A_graph = gram(create_graph=need_grad) if callable(gram) and chunk_size is None else None
+    if A_graph is not None:
+        _check_output(lin.out, z)
+        info.gram = "factored"
+        L, value = _factor(ops, A_graph.detach().to(ldtype), on_singular, info)
+        if not need_grad:
+            return value, None
+        return value, (_inverse(ops, L, info.singular, z.dtype) * A_graph).sum((1, 2))
+    info.gram = "tangents"
+    E = torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)  # row k is e_k
+    c = d if chunk_size is None else min(chunk_size, d)
+    starts = range(0, d, c)
+    if need_grad and c == d:
+        JT = lin.jvp(E, create_graph=True)  # (B, d, D): JT[:, k] = J e_k
+    else:
+        JT = torch.cat([lin.jvp(E[:, s : s + c]) for s in starts], dim=1)
+    _check_output(lin.out, z)
+    L, value = _factor(ops, _gram(ops, JT.detach(), ldtype), on_singular, info)
     if not need_grad:
         return value, None
     # Rows of A⁻¹Jᵀ are the columns of J A⁻¹ (A symmetric), the detached half of S. A d×d
     # inverse then one GEMM in the model's dtype is ~2.5x cheaper than a (d, D) triangular solve.
-    # Singular samples (NaN value) get an identity factor and a zero W: no gradient from them.
-    singular = info.singular
-    if bool(singular.any()):
-        L = torch.where(singular[:, None, None], torch.eye(d, dtype=L.dtype, device=L.device), L)
-    WT = ops.cholesky_inverse(L).to(z.dtype) @ JT.detach()
-    WT = torch.where(singular[:, None, None], torch.zeros_like(WT), WT)
+    WT = _inverse(ops, L, info.singular, z.dtype) @ JT.detach()
     if c == d:
         S = 2.0 * (WT * JT).sum((1, 2))
     else:
@@ -290,43 +406,86 @@ def _exact(lin, z, ops, ldtype, chunk_size, need_grad, on_singular, info):
     return value, S
 
 
-def _cg(lin, z, backend, ldtype, V, tol, max_iter, fixed_iterations, need_grad, on_singular, info):
+def _cg(
+    lin,
+    z,
+    backend,
+    ldtype,
+    V,
+    tol,
+    max_iter,
+    fixed_iterations,
+    need_grad,
+    on_singular,
+    info,
+    prec,
+    x0,
+):
+    """Hutchinson + CG, optionally split-preconditioned (M = L Lᵀ) and warm-started.
+
+    The probes V are ε (E[εεᵀ] = I); CG solves Ã y = ε, Ã = L⁻¹ A L⁻ᵀ (Ã = A without a
+    preconditioner), u = L⁻ᵀ y = A⁻¹ L ε, w = L⁻ᵀ ε, and S = (2/K) Σ ⟨stopgrad(J u), J w⟩
+    (see :mod:`rnf_fast.precondition`). The value is log det M + mean_k SLQ(Ã, ε_k) from a
+    zero start; a warm start (y0 = Lᵀ x0) leaves it unavailable (NaN).
+    """
     B, d = z.shape
     K = V.shape[1]
     N = B * K
-    # J u_k is accumulated from the J p of each matvec (J x_{j+1} = J x_j + α_j J p_j), so the
-    # detached half of the surrogate costs no extra pass.
+    E = V.to(ldtype)
+    # J u_k is accumulated from the J L⁻ᵀ p of each matvec (J u_{j+1} = J u_j + α_j J L⁻ᵀ p_j),
+    # so the detached half of the surrogate costs no extra pass.
     JX = torch.zeros((), dtype=ldtype, device=z.device)
     last_JP: list[Tensor] = []
 
     def matvec(P: Tensor) -> Tensor:
-        JP, AP = lin.gram_mv(P.view(B, K, d).to(z.dtype))
+        Q = P.view(B, K, d)
+        if prec is not None:
+            Q = prec.solve_LT(Q)
+        JP, AQ = lin.gram_mv(Q.to(z.dtype))
         if not last_JP:
-            _check_output(lin.out, z)
+            _check_output_shape(lin.out, z)
         last_JP[:] = [JP]
-        return AP.reshape(N, d).to(ldtype)
+        AQ = AQ.to(ldtype)
+        return (AQ if prec is None else prec.solve_L(AQ)).reshape(N, d)
 
     def on_step(alpha: Tensor) -> None:
         nonlocal JX
         JX = JX + alpha.view(B, K, 1) * last_JP[0].to(ldtype)
 
+    y0 = None
+    if x0 is not None:
+        y0 = x0.to(ldtype) if prec is None else prec.apply_LT(x0.to(ldtype))
+        y0 = y0.reshape(N, d)
     res = batched_cg(
         matvec,
-        V.to(ldtype).reshape(N, d),
+        E.reshape(N, d),
         tol=tol,
         max_iter=max_iter,
         fixed_iterations=fixed_iterations,
         backend=backend,
         on_step=on_step,
+        x0=y0,
     )
+    _check_output(lin.out, z)
+    Y = res.x.view(B, K, d)
+    info.solution = Y if prec is None else prec.solve_LT(Y)
     info.matvecs = res.matvecs
     info.cg_iterations = res.steps.view(B, K)
     info.residuals = res.residuals.view(B, K)
     info.converged = res.converged.view(B, K)
-    quad = res.logquad().view(B, K)
-    # Breakdown (pᵀAp <= 0) or a Lanczos matrix with a non-positive eigenvalue (NaN quadrature):
-    # A is not positive definite on the Krylov space, so neither value nor solve can be trusted.
-    info.singular = (res.breakdown.view(B, K) | ~torch.isfinite(quad)).any(1)
+    if res.warm_start:
+        quad = torch.full((B, K), float("nan"), dtype=ldtype, device=z.device)
+        info.value_available = False
+        info.value_unavailable_reason = (
+            "warm start: the Lanczos coefficients describe the Krylov space of the initial "
+            "residual, not that of the probes, so they give no log det estimate"
+        )
+        info.singular = res.breakdown.view(B, K).any(1)
+    else:
+        quad = res.logquad().view(B, K)
+        # Breakdown (pᵀAp <= 0) or a Lanczos matrix with a non-positive eigenvalue (NaN
+        # quadrature): A is not positive definite on the Krylov space; nothing can be trusted.
+        info.singular = (res.breakdown.view(B, K) | ~torch.isfinite(quad)).any(1)
     _report_singular(info.singular, on_singular, "CG met a non-positive curvature")
     if not bool(info.converged.all()):
         warnings.warn(
@@ -336,10 +495,13 @@ def _cg(lin, z, backend, ldtype, V, tol, max_iter, fixed_iterations, need_grad, 
             stacklevel=4,
         )
     value = quad.mean(1)
+    if prec is not None:
+        value = value + prec.logdet.to(ldtype)
     value = torch.where(info.singular, torch.full_like(value, float("nan")), value)
     if not need_grad:
         return value, None
-    S = (2.0 / K) * _tangent_inner(lin, V, JX.to(z.dtype))
+    W = V if prec is None else prec.solve_LT(E).to(z.dtype)
+    S = (2.0 / K) * _tangent_inner(lin, W, JX.to(z.dtype))
     return value, S
 
 
@@ -360,6 +522,8 @@ def logdet_grad(
     linalg_dtype: torch.dtype | None = None,
     batching: Batching = "auto",
     on_singular: Literal["jitter", "raise", "nan"] = "jitter",
+    preconditioner: str | Tensor | None = None,
+    x0: Tensor | None = None,
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, LogdetInfo]:
     """log det(JᵀJ) per sample, with the gradient of log det(JᵀJ) attached.
@@ -384,14 +548,18 @@ def logdet_grad(
         probes: K, the number of probes per sample for CG, or a (B, K, d) tensor of probes
             with E[v vᵀ] = I (deterministic results).
         probe_kind: ``"rademacher"`` (default), ``"gaussian"`` or ``"orthogonal"`` (see
-            :func:`rnf_fast.probes.make_probes`). Rademacher probes gave the lowest single-probe
-            gradient noise on the standard problem (``bench/study_probes.py``: 1.07 against
-            1.16 for Gaussian, relative to the gradient) and are exact when d = 1.
+            :func:`rnf_fast.probes.make_probes`). Relative gradient variance
+            E‖g - g_exact‖²/‖g_exact‖² on a trained digits flow (d = 10,
+            ``bench/results/probes.md``), K = 1 / 4 / 8: Rademacher 0.38 / 0.093 / 0.047,
+            Gaussian 0.53 / 0.13 / 0.065, orthogonal 0.42 / 0.070 / 0.012. Rademacher is the
+            best single probe (the default K) there and on the standard MLP, and is exact
+            when d = 1; with K >= 4 probes prefer ``"orthogonal"`` (needs K <= d).
         generator: torch.Generator for the probes (reproducibility).
         tol: CG relative residual tolerance per system, ‖r‖ <= tol·‖v‖.
         max_iter: CG iteration cap (default d: CG is exact after d steps in exact arithmetic).
         fixed_iterations: run exactly max_iter CG iterations with no host synchronisation
-            (converged systems are frozen), for CUDA graphs.
+            inside the loop (converged systems are frozen by masks), for CUDA graphs; the
+            checks after the loop (finite output, convergence, breakdown) still read flags.
         chunk_size: exact path only: push the d tangents in chunks of this many, recomputing
             each chunk's graph inside backward, so peak memory scales with chunk_size.
         backend: backend of the small ops (:func:`rnf_fast.available_backends`); default: the
@@ -408,6 +576,22 @@ def logdet_grad(
             that meet non-positive curvature, get NaN and a warning. ``"raise"``: raise
             :class:`SingularJacobianError` (no jitter). ``"nan"``: NaN for those samples and a
             warning (no jitter). Samples with a NaN value contribute no gradient (exact path).
+        preconditioner: CG only (unused when ``"auto"`` picks exact; an error with
+            ``method="exact"``). None (default), ``"jacobi"`` (M = diag(A), d extra tangents
+            per sample), ``"batch"`` (one M for all samples: the mean JᵀJ of a few rows), or a
+            tensor M: (d, d) or (B, d, d) symmetric positive definite, (d,) or (B, d) a
+            positive diagonal. CG then solves L⁻¹ A L⁻ᵀ y = ε (M = L Lᵀ, no gradient through
+            M); the gradient stays unbiased and the value is log det M + the quadrature of
+            L⁻¹ A L⁻ᵀ, still a correct estimate (:mod:`rnf_fast.precondition`). It pays when
+            its cost is below the matvecs it saves (``bench/results/precond.md``).
+        x0: CG only, like ``preconditioner``: (B, K, d) initial guess of u_k = A⁻¹ v_k
+            (v_k = L ε_k with a preconditioner), for instance ``LogdetInfo.solution`` of an
+            earlier call with the same probes (pass them as a tensor) and preconditioner. It
+            saves iterations when the decoder changed little; the solution still meets
+            ``tol`` and the gradient is unchanged in expectation, but the CG coefficients then
+            describe the Krylov space of the initial residual, so there is no log det value:
+            it is NaN, and
+            ``LogdetInfo.value_available`` is False with the reason. One extra matvec.
         return_info: also return a :class:`LogdetInfo`.
 
     Returns:
@@ -437,6 +621,11 @@ def logdet_grad(
         _check_positive_int("chunk_size", chunk_size)
     max_iter = d if max_iter is None else _check_positive_int("max_iter", max_iter)
     K = _check_probes(probes, z)
+    check_preconditioner(preconditioner, B, d)
+    _check_x0(x0, z, K)
+    if method == "exact" and (preconditioner is not None or x0 is not None):
+        name = "preconditioner" if preconditioner is not None else "x0"
+        raise ValueError(f"{name} applies to method='cg' only, got method='exact'")
     ldtype = _linalg_dtype(z, linalg_dtype)
     backend_name, ops = get_backend(backend, z.device)
     lin = linearize(decoder, z, batching=batching)
@@ -456,6 +645,12 @@ def logdet_grad(
         value, S = _exact(lin, z, ops, ldtype, chunk_size, need_grad, on_singular, info)
     else:
         V = _draw_probes(probes, z, probe_kind, generator)
+        prec = None
+        if preconditioner is not None:
+            prec = build_preconditioner(
+                preconditioner, decoder, lin, z, dtype=ldtype, batching=batching
+            )
+            info.preconditioner = prec.kind
         value, S = _cg(
             lin,
             z,
@@ -468,6 +663,8 @@ def logdet_grad(
             need_grad,
             on_singular,
             info,
+            prec,
+            x0,
         )
     info.batching = getattr(lin, "batching", type(lin).__name__)
     info.fallback_reason = getattr(lin, "fallback_reason", None)
@@ -491,6 +688,7 @@ def logdet(
     linalg_dtype: torch.dtype | None = None,
     batching: Batching = "auto",
     on_singular: Literal["jitter", "raise", "nan"] = "jitter",
+    preconditioner: str | Tensor | None = None,
 ) -> Tensor:
     """log det(JᵀJ) per sample, value only (no graph), for evaluation.
 
@@ -515,4 +713,5 @@ def logdet(
             linalg_dtype=linalg_dtype,
             batching=batching,
             on_singular=on_singular,
+            preconditioner=preconditioner,
         )

@@ -92,3 +92,47 @@ def test_unsupported_modules_take_the_generic_path():
         hooked.double(), torch.randn(2, 2, dtype=torch.float64), return_info=True
     )
     assert info.batching == "vmap"
+
+
+def _narrow_mlp(act, d=3, n=6, D=64, seed=1):
+    """A decoder whose last Linear (n -> D) is much narrower than D: A = Mᵀ(WᵀW)M pays."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [nn.Linear(d, 12), act, nn.Linear(12, n), act, nn.Linear(n, D)]
+    for m in layers:
+        if isinstance(m, nn.Linear):
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return nn.Sequential(*layers).double()
+
+
+@pytest.mark.parametrize("act", [nn.Tanh(), nn.SiLU()], ids=lambda m: type(m).__name__)
+def test_factored_gram_matches_dense_truth(act):
+    dec = _narrow_mlp(act)
+    z = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    J = dense_jacobian(dec, z.detach())
+    A = rnf_fast.linearize(dec, z).gram()
+    assert A is not None
+    assert rel_error(A, J.transpose(1, 2) @ J) < 1e-12
+    inputs = [*dec.parameters(), z]
+    truth = dense_logdet(dec, z)
+    value, info = rnf_fast.logdet_grad(dec, z, method="exact", return_info=True)
+    assert info.gram == "factored"
+    assert rel_error(value.detach(), truth.detach()) < 1e-10
+    for g, t in zip(grads(value, inputs), grads(truth, inputs)):
+        assert rel_error(g, t) < 1e-9 or t.norm() == 0
+
+
+def test_factored_gram_only_where_it_pays():
+    # Last hidden width 16 against D = 8 (test _mlp): J is cheaper, the tangent path is used;
+    # a trailing activation or a chunked call also keep it.
+    z = torch.randn(4, 3, dtype=torch.float64)
+    assert rnf_fast.linearize(_mlp(nn.Tanh()), z).gram() is None
+    _, info = rnf_fast.logdet_grad(_mlp(nn.Tanh()), z, method="exact", return_info=True)
+    assert info.gram == "tangents"
+    squashed = nn.Sequential(*_narrow_mlp(nn.Tanh()), nn.Sigmoid())
+    assert rnf_fast.linearize(squashed, z).gram() is None
+    _, info = rnf_fast.logdet_grad(
+        _narrow_mlp(nn.Tanh()), z, method="exact", chunk_size=2, return_info=True
+    )
+    assert info.gram == "tangents"
