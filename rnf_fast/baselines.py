@@ -4,9 +4,18 @@
   ``vmap(jacrev)`` for J (D backward passes), ``slogdet(JᵀJ)``, backward through all of it.
 - :func:`logdet_jacfwd`: the strongest plain-PyTorch exact path: ``vmap(jacfwd)`` (d tangents),
   ``slogdet(JᵀJ)``, backward.
+- :func:`logdet_official_cg`: the algorithm of the rectangular-flows paper's official code:
+  Hutchinson probes, CG whose every matvec re-runs the decoder twice (a forward-mode JVP and a
+  fresh reverse-mode VJP), a loose batch-level stopping rule, then a differentiable JᵀJε and a
+  double backward.
+- :func:`logdet_fif`: the free-form injective flow surrogate (Sorrenson et al., ICLR 2024): an
+  encoder stands in for the decoder's pseudo-inverse; one decoder JVP and one encoder VJP per
+  probe, no CG. Biased unless the encoder's Jacobian is the pseudo-inverse of the decoder's.
 - :func:`dense_logdet`: the float64 truth (one forward-mode column at a time, ``slogdet``).
 
-Each returns log det(JᵀJ) per sample, differentiable end to end.
+:func:`logdet_jacrev`, :func:`logdet_jacfwd` and :func:`dense_logdet` return log det(JᵀJ) per
+sample, differentiable end to end. The two stochastic baselines compute no value: they return
+zeros that carry the gradient estimate (``S - S.detach()``).
 """
 
 from __future__ import annotations
@@ -17,7 +26,14 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, jacrev, vmap
 
-__all__ = ["dense_jacobian", "dense_logdet", "logdet_jacfwd", "logdet_jacrev"]
+__all__ = [
+    "dense_jacobian",
+    "dense_logdet",
+    "logdet_fif",
+    "logdet_jacfwd",
+    "logdet_jacrev",
+    "logdet_official_cg",
+]
 
 
 def _per_row(decoder: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -77,3 +93,150 @@ def dense_logdet(decoder: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
         (B,) log dets.
     """
     return _slogdet_gram(dense_jacobian(decoder, z))
+
+
+def _probe_matrix(probes: int | Tensor, z: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Probes (B, K, d) with E[v vᵀ] = I: the given tensor, or K standard Gaussian draws per
+    sample (the official code's choice)."""
+    B, d = z.shape
+    if isinstance(probes, Tensor):
+        if probes.dim() != 3 or probes.shape[0] != B or probes.shape[2] != d:
+            raise ValueError(
+                f"probes tensor must be (B, K, d) = ({B}, K, {d}), got {tuple(probes.shape)}"
+            )
+        return probes.to(z)
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be a positive integer or a (B, K, d) tensor, got {probes!r}")
+    return torch.randn(B, probes, d, generator=generator, dtype=z.dtype, device=z.device)
+
+
+def _official_gram_mv(decoder: Callable[[Tensor], Tensor], z: Tensor, V: Tensor) -> Tensor:
+    """JᵀJ V the official way, no graph kept: a forward-mode JVP that recomputes the primal
+    with the tangent, then a fresh forward and a reverse-mode VJP of J V."""
+    with torch.no_grad():
+        JV = torch.func.jvp(decoder, (z,), (V,))[1]
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        return torch.autograd.grad(decoder(zz), zz, JV)[0]
+
+
+def logdet_official_cg(
+    decoder: Callable[[Tensor], Tensor],
+    z: Tensor,
+    *,
+    probes: int | Tensor = 1,
+    tol: float = 1.0,
+    min_iter: int = 11,
+    max_iter: int | None = None,
+    generator: torch.Generator | None = None,
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, int]]:
+    """The gradient of log det(JᵀJ) as the official rectangular-flows code estimates it.
+
+    K probes ε per sample (standard Gaussian unless given); u = (JᵀJ)⁻¹ε by CG from a zero
+    initial guess on all B·K systems at once, each matvec JᵀJ p being a ``torch.func.jvp`` that
+    recomputes the primal followed by a fresh forward and ``torch.autograd.grad`` (no state is
+    reused between matvecs). CG stops when the batch-mean relative residual ‖r‖/‖ε‖ is below
+    ``tol`` after at least min(``min_iter``, d) iterations, and after d at most (``max_iter``).
+    Then a differentiable JᵀJε is built (a JVP and a VJP with ``create_graph``) and dotted with
+    the detached u, averaged over the K probes; its backward is a double backward. With
+    A = JᵀJ and E[ε εᵀ] = I, E[uᵀ (∂A) ε] = E[εᵀ A⁻¹ (∂A) ε] = tr(A⁻¹ ∂A) = ∂ log det A: the
+    gradient is unbiased up to the CG error (which tol = 1 leaves large).
+
+    Arguments:
+        decoder: callable mapping (B, d) to (B, D), rows independent.
+        z: (B, d) latents; may require grad.
+        probes: K, or a (B, K, d) tensor of probes with E[v vᵀ] = I.
+        tol: the batch-mean relative residual to stop at (1, the official setting, stops as
+            soon as min(``min_iter``, d) iterations are done).
+        min_iter: iterations always run (capped at d).
+        max_iter: iteration cap, default d.
+        generator: source of the Gaussian probes.
+        return_info: also return ``{"matvecs": ..., "cg_iterations": ...}`` (equal here: one
+            JᵀJ product per iteration, each costing three passes of the decoder).
+
+    Returns:
+        (B,) zeros carrying the gradient estimate (no log det value is computed), with the
+        info dict when ``return_info`` is set.
+    """
+    B, d = z.shape
+    V = _probe_matrix(probes, z, generator)
+    K = V.shape[1]
+    cap = d if max_iter is None else max_iter
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    zr = z.detach().repeat_interleave(K, dim=0)
+    b = V.reshape(B * K, d)
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = (r * r).sum(1)
+    tiny = torch.finfo(b.dtype).tiny
+    bnorm = b.norm(dim=1).clamp_min(tiny)
+    iterations = 0
+    for it in range(cap):
+        iterations = it + 1
+        Ap = _official_gram_mv(decoder, zr, p)
+        pAp = (p * Ap).sum(1)
+        # A system solved exactly (r = p = 0) stays put instead of dividing 0 by 0.
+        alpha = torch.where(pAp > 0, rr / pAp.clamp_min(tiny), torch.zeros_like(pAp))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * Ap
+        rr_new = (r * r).sum(1)
+        if it + 1 >= min(min_iter, d) and float((r.norm(dim=1) / bnorm).mean()) < tol:
+            break
+        p = r + (rr_new / rr.clamp_min(tiny))[:, None] * p
+        rr = rr_new
+    zg = z if z.requires_grad else z.detach().requires_grad_(True)
+    zk = zg.repeat_interleave(K, dim=0)
+    out, JV = torch.func.jvp(decoder, (zk,), (b,))
+    JTJV = torch.autograd.grad(out, zk, JV, create_graph=True)[0]
+    S = (x.detach() * JTJV).sum(1).view(B, K).mean(1)
+    out = S - S.detach()
+    return (out, {"matvecs": iterations, "cg_iterations": iterations}) if return_info else out
+
+
+def logdet_fif(
+    decoder: Callable[[Tensor], Tensor],
+    encoder: Callable[[Tensor], Tensor],
+    z: Tensor,
+    *,
+    probes: int | Tensor = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The free-form injective flow estimate of the gradient of log det(JᵀJ).
+
+    With the decoder's Jacobian J (D × d) at z and the encoder's Jacobian E (d × D) at the
+    decoded point x = decoder(z), and K probes v (E[v vᵀ] = I_d, standard Gaussian unless
+    given), the surrogate is
+
+        S = (2 / K) · Σ_k ⟨ stopgrad(Eᵀ v_k), J v_k ⟩,
+
+    one decoder JVP and one encoder VJP per probe, no CG. Its expected gradient is
+    2 tr(E ∂J); with E = J⁺ = (JᵀJ)⁻¹Jᵀ, the pseudo-inverse, that is ∂ log det(JᵀJ) (the
+    factor 2: ∂ log det(JᵀJ) = 2 tr(J⁺ ∂J)). Any other left inverse (a flow's g†, a trained
+    encoder) biases it.
+
+    Arguments:
+        decoder: callable mapping (B, d) to (B, D), rows independent.
+        encoder: callable mapping (B, D) to (B, d), rows independent.
+        z: (B, d) latents; may require grad.
+        probes: K, or a (B, K, d) tensor of probes with E[v vᵀ] = I.
+        generator: source of the Gaussian probes.
+
+    Returns:
+        (B,) zeros carrying the gradient estimate: no log det value is computed.
+    """
+    B, d = z.shape
+    V = _probe_matrix(probes, z, generator)
+    K = V.shape[1]
+    zk = z.repeat_interleave(K, dim=0)
+    out, JV = torch.func.jvp(decoder, (zk,), (V.reshape(B * K, d),))
+    with torch.enable_grad():
+        xk = out.detach().requires_grad_(True)
+        enc = encoder(xk)
+        if not isinstance(enc, Tensor) or enc.shape != (B * K, d):
+            raise ValueError(f"encoder must map (B, D) to (B, d) = (B, {d}), got {enc.shape}")
+        ETV = torch.autograd.grad(enc, xk, V.reshape(B * K, d))[0]
+    S = (2.0 / K) * (ETV.detach() * JV).sum(1).view(B, K).sum(1)
+    return S - S.detach()

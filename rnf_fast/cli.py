@@ -3,7 +3,7 @@
 rnf-fast train [--dataset vonmises] [--config run.toml] [--epochs 20] ...
 rnf-fast eval RUN_DIR
 rnf-fast sample RUN_DIR -n 64 --out samples.npy
-rnf-fast bench [--size quick]
+rnf-fast bench [--size quick] [--out DIR]
 rnf-fast info
 """
 
@@ -20,16 +20,6 @@ import torch
 __all__ = ["main"]
 
 
-def _bench_dir() -> Path:
-    bench = Path(__file__).resolve().parent.parent / "bench"
-    if not (bench / "test_logdet_bench.py").exists():
-        raise SystemExit(
-            "rnf-fast bench runs the suite in the source checkout's bench/ folder, which this "
-            "installation does not have; install from a clone with `pip install -e .`"
-        )
-    return bench
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
     from . import __version__, backend_report, benchmarks
 
@@ -43,33 +33,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import pytest
+    from .benchmarks import run_suite, suite_markdown, suite_plots
 
-    from .benchmarks import report_markdown
-
-    bench = _bench_dir()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "logdet.json"
-    pytest_args = [str(bench), "-p", "no:cacheprovider", f"--bench-size={args.size}"]
-    if args.size == "quick":
-        pytest_args += ["--benchmark-disable", "-q"]
-    else:
-        pytest_args += [
-            "--benchmark-enable",
-            "--benchmark-save-data",
-            f"--benchmark-json={json_path}",
-            "--benchmark-columns=median,iqr,rounds",
-        ]
-    code = pytest.main(pytest_args)
-    if code != 0:
-        return int(code)
-    if args.size != "quick":
-        with open(json_path) as f:
-            table = report_markdown(json.load(f))
-        (out / "logdet.md").write_text(table)
-        print(table)
-        print(f"wrote {json_path} and {out / 'logdet.md'}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    results = run_suite(
+        args.size, device=args.device, budget_s=args.budget, progress=not args.no_progress
+    )
+    json_path = out / f"suite_{args.size}.json"
+    md_path = out / f"suite_{args.size}.md"
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    table = suite_markdown(results)
+    md_path.write_text(table)
+    plots = suite_plots(results, args.plots or out, prefix=f"bench_{args.size}")
+    print(table)
+    print(f"wrote {json_path}, {md_path} and {', '.join(str(p) for p in plots)}")
     return 0
 
 
@@ -300,21 +280,38 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     bench = sub.add_parser(
         "bench",
-        help="benchmark the log det term against the autodiff references",
-        description="Time and peak memory of one training step of the log det(JᵀJ) term "
-        "for rnf_fast exact/cg and the pure-autodiff references; every case is verified "
-        "against a float64 truth before it is timed. Writes JSON and a Markdown table.",
+        help="benchmark the log det term against the alternatives (speed, memory, accuracy)",
+        description="Time per training step, peak memory, matvecs and accuracy of the log "
+        "det(JᵀJ) term for rnf_fast (exact, CG, auto, each backend) against the autodiff "
+        "Jacobians, the official code's algorithm and the free-form surrogate, on MLP "
+        "decoders and rectangular flows, plus the exact-vs-CG study over d. Every cell is "
+        "verified against a float64 truth before it is timed. Writes suite_SIZE.json, "
+        "suite_SIZE.md and plots (see bench/README.md).",
     )
     bench.add_argument(
         "--size",
         choices=["standard", "quick"],
         default="standard",
-        help="standard: MLP decoder d=16 -> D=784, B=64 (about 2 minutes on 2 cores); "
-        "quick: tiny sizes, run once without timing (checks the suite)",
+        help="standard: the README problems (about 20 minutes on 2 CPU cores); quick: tiny "
+        "sizes, every cell verified and run once (checks the suite)",
     )
     bench.add_argument(
-        "--out", default="bench/results", help="folder for logdet.json and logdet.md"
+        "--out", default="bench/results", help="folder for suite_SIZE.json and suite_SIZE.md"
     )
+    bench.add_argument(
+        "--plots", default=None, help="folder for the bench_SIZE_*.png plots (default: --out)"
+    )
+    bench.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where the problems run (cpu)"
+    )
+    bench.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds of measurement shared by the cells (default: 1000 standard, 0 quick); "
+        "cells estimated to exceed their share are skipped with the estimate",
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
     return parser
 
