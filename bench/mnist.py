@@ -200,6 +200,7 @@ def main() -> None:
     # Hand-written observations below the table survive a regeneration.
     kept = md.read_text().partition(NOTES)[2] if md.exists() else ""
     md.write_text(_header(rows) + table + (f"\n{NOTES}{kept}" if kept else ""))
+    (out / "mnist_table.md").write_text(table)  # the README's copy (bench/readme_tables.py)
     print(table)
     docs = Path("docs")
     for slug, by_seed in rows.items():

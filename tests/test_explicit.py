@@ -21,16 +21,22 @@ ACTIVATIONS = [
 ]
 
 
-def _mlp(act, d=3, D=8, seed=0):
-    # Wide enough, with 1/sqrt(fan-in) weights, that J has full rank for every activation.
+def _seeded(layers, seed):
+    """nn.Sequential of the layers in float64, Linear weights N(0, 1/fan-in), biases N(0, 0.01)."""
     g = torch.Generator().manual_seed(seed)
-    layers = [nn.Linear(d, 24), act, nn.Identity(), nn.Linear(24, 16), act, nn.Linear(16, D)]
     for m in layers:
         if isinstance(m, nn.Linear):
             with torch.no_grad():
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)
                 m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
     return nn.Sequential(*layers).double()
+
+
+def _mlp(act, d=3, D=8, seed=0):
+    # Wide enough, with 1/sqrt(fan-in) weights, that J has full rank for every activation.
+    return _seeded(
+        [nn.Linear(d, 24), act, nn.Identity(), nn.Linear(24, 16), act, nn.Linear(16, D)], seed
+    )
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda m: type(m).__name__)
@@ -96,14 +102,7 @@ def test_unsupported_modules_take_the_generic_path():
 
 def _narrow_mlp(act, d=3, n=6, D=64, seed=1):
     """A decoder whose last Linear (n -> D) is much narrower than D: A = Mᵀ(WᵀW)M pays."""
-    g = torch.Generator().manual_seed(seed)
-    layers = [nn.Linear(d, 12), act, nn.Linear(12, n), act, nn.Linear(n, D)]
-    for m in layers:
-        if isinstance(m, nn.Linear):
-            with torch.no_grad():
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-    return nn.Sequential(*layers).double()
+    return _seeded([nn.Linear(d, 12), act, nn.Linear(12, n), act, nn.Linear(n, D)], seed)
 
 
 @pytest.mark.parametrize("act", [nn.Tanh(), nn.SiLU()], ids=lambda m: type(m).__name__)
