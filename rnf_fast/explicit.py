@@ -101,6 +101,7 @@ class SequentialLinearization:
         self.z = z
         with torch.no_grad():
             self.out, self._steps = self._primal(z.detach())
+        self._WTW: Tensor | None = None
 
     def _primal(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor | None, Tensor | None]]]:
         """Run the decoder, returning its output and its Jacobian as a chain of steps
@@ -138,15 +139,15 @@ class SequentialLinearization:
         _, steps = self._primal(self.z)
         return self._push(V, steps)
 
+    @staticmethod
+    def _pull(C: Tensor, steps: list[tuple[Tensor | None, Tensor | None]]) -> Tensor:
+        for W, s in reversed(steps):
+            C = C * s.unsqueeze(1) if W is None else scaled_linear(C, W, s, transpose=True)
+        return C
+
     def vjp(self, W: Tensor) -> Tensor:
         with torch.no_grad():
-            T = W
-            for weight, s in reversed(self._steps):
-                if weight is None:
-                    T = T * s.unsqueeze(1)
-                else:
-                    T = scaled_linear(T, weight, s, transpose=True)
-            return T
+            return self._pull(W, self._steps)
 
     def gram(self, *, create_graph: bool = False) -> Tensor | None:
         """A = JᵀJ (B, d, d) without forming J, when the decoder ends in a Linear W (D, n)
@@ -171,6 +172,37 @@ class SequentialLinearization:
             MT = self._push(E, steps[:-1])  # (B, d, n): row k is M e_k
             A = (MT @ (W.T @ W)) @ MT.transpose(1, 2)
             return 0.5 * (A + A.transpose(1, 2))
+
+    def gram_mv_hidden(self, V: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(M v_k, Jᵀ J v_k) per sample, no graph, where J = W M and W (D, n) is a final Linear
+        with no activation after it: Jᵀ J v = Mᵀ ((WᵀW)(M v)) never passes the tangents through
+        the widest layer (2 n D multiply-adds per row become n²; WᵀW is formed once, on the first
+        call). ``lift`` maps M v to J v. None where this does not pay (n ≥ 2D, or too few rows to
+        repay WᵀW even at d iterations).
+
+        Arguments:
+            V: (B, K, d) tangents.
+
+        Returns:
+            ((B, K, n), (B, K, d)), or None.
+        """
+        W, s = self._steps[-1]
+        if W is None or s is not None:
+            return None
+        B, K, d = V.shape
+        D, n = W.shape
+        if 2 * n * D <= n * n or B * K * d * (2 * n * D - n * n) <= n * n * D:
+            return None
+        with torch.no_grad():
+            if self._WTW is None:
+                self._WTW = W.T @ W
+            H = self._push(V, self._steps[:-1])
+            return H, self._pull(H @ self._WTW, self._steps[:-1])
+
+    def lift(self, H: Tensor) -> Tensor:
+        """J v from the M v of :meth:`gram_mv_hidden`: H (B, K, n) -> (B, K, D), no graph."""
+        with torch.no_grad():
+            return H @ self._steps[-1][0].T
 
     def gram_mv(self, V: Tensor) -> tuple[Tensor, Tensor]:
         JV = self.jvp(V)

@@ -49,36 +49,37 @@ DEFAULT_CG_TOL = 1e-2
 # Time of one exact step over one CG step with K = 1, against d, for each linearization path:
 # the MLP decoder d -> 256 -> 256 -> 784, B = 64, float32, quiet 2-core CPU (bench/study_auto.py,
 # bench/results/auto.md). Above 1, CG is faster. The measurements behind AUTO_COST_MODEL, which
-# reproduces every one of these K = 1 decisions.
+# reproduces every one of these K = 1 decisions with a margin over 15%; at the near-tie it
+# misses (generic, d = 64: 1.11) its choice costs 11% more.
 AUTO_EXACT_OVER_CG1: dict[str, tuple[tuple[int, float], ...]] = {
     "explicit": (
-        (4, 0.97),
-        (8, 1.12),
-        (16, 1.61),
-        (32, 2.01),
-        (64, 3.09),
-        (128, 1.97),
-        (256, 1.18),
+        (4, 0.90),
+        (8, 0.95),
+        (16, 1.33),
+        (32, 2.44),
+        (64, 2.59),
+        (128, 1.93),
+        (256, 1.20),
     ),
-    "generic": ((4, 0.40), (8, 0.40), (16, 0.49), (32, 0.71), (64, 0.88), (128, 0.63), (256, 0.51)),
+    "generic": ((4, 0.38), (8, 0.41), (16, 0.46), (32, 0.64), (64, 1.11), (128, 0.65), (256, 0.53)),
 }
 
 AUTO_COST_MODEL: dict[str, dict[str, tuple[float, ...]]] = {
     "explicit": {
-        "exact": (2.602, 0.9194, 0.004556),
-        "cg": (0.6037, 1.287, 0.7203, 0.4510, 1.323e-05),
+        "exact": (4.044, 0.4131, 0.005290),
+        "cg": (3.593, 1.201, 0.4528, 0.0, 8.1e-06, 2.886e-03),
     },
     "generic": {
-        "exact": (5.853, 0.8180, 0.005183),
-        "cg": (7.440, 0.0, 3.174, 0.6815, 1.404e-05),
+        "exact": (4.889, 0.6437, 0.006820),
+        "cg": (4.123, 1.683, 2.999, 0.3632, 9.4e-06, 2.997e-03),
     },
 }
 """Step time in ms (B = 64) of each method, fitted to bench/results/auto.md (quiet 2-core CPU):
 exact = e0 + e1·d + e2·d² (primal, d tangents and their backward, JᵀJ and A⁻¹Jᵀ) and
-cg = c0 + c1·K + m·(c2 + c3·K) + c4·K·m³ (K differentiable tangents, m batched matvecs with a
-fixed and a per-probe part, the Lanczos eigen-solves), m the matvecs CG needs. Per matvec the
-generic path pays 3.2 ms + 0.68 ms per probe (it re-runs the primal), the explicit one
-0.72 + 0.45 ms: so CG only wins on the explicit path."""
+cg = c0 + c1·K + m·(c2 + c3·K) + c4·K·m³ + c5·K·m·d (K differentiable tangents, m batched
+matvecs with a fixed and a per-probe part, the Lanczos eigen-solves, the d-wide ends of each
+product), m the matvecs CG needs. Per matvec the generic path pays about 3 ms (it re-runs the
+primal), the explicit one about 0.5 ms: so CG only wins on the explicit path."""
 
 AUTO_EXPECTED_MATVECS: tuple[tuple[int, float], ...] = (
     (4, 4.0),
@@ -122,8 +123,9 @@ def predicted_costs(
     d = min(max(d, AUTO_EXPECTED_MATVECS[0][0]), AUTO_EXPECTED_MATVECS[-1][0])
     m = _interp_log2(AUTO_EXPECTED_MATVECS, d) if matvecs is None else float(matvecs)
     e0, e1, e2 = AUTO_COST_MODEL[path]["exact"]
-    c0, c1, c2, c3, c4 = AUTO_COST_MODEL[path]["cg"]
-    return e0 + e1 * d + e2 * d * d, c0 + c1 * K + m * (c2 + c3 * K) + c4 * K * m**3
+    c0, c1, c2, c3, c4, c5 = AUTO_COST_MODEL[path]["cg"]
+    cg = c0 + c1 * K + m * (c2 + c3 * K) + c4 * K * m**3 + c5 * K * m * d
+    return e0 + e1 * d + e2 * d * d, cg
 
 
 class SingularJacobianError(RuntimeError):
@@ -437,11 +439,23 @@ def _cg(
     JX = torch.zeros((), dtype=ldtype, device=z.device)
     last_JP: list[Tensor] = []
 
+    # A linearization with gram_mv_hidden keeps its products in a narrower space H (J = W M,
+    # returning M p); J u is then lift(M u) once at the end.
+    hidden = getattr(lin, "gram_mv_hidden", None)
+    lifted = False
+
     def matvec(P: Tensor) -> Tensor:
+        nonlocal lifted
         Q = P.view(B, K, d)
         if prec is not None:
             Q = prec.solve_LT(Q)
-        JP, AQ = lin.gram_mv(Q.to(z.dtype))
+        Q = Q.to(z.dtype)
+        pair = hidden(Q) if callable(hidden) and (lifted or not last_JP) else None
+        if pair is None:
+            pair = lin.gram_mv(Q)
+        else:
+            lifted = True
+        JP, AQ = pair
         if not last_JP:
             _check_output_shape(lin.out, z)
         last_JP[:] = [JP]
@@ -500,8 +514,9 @@ def _cg(
     value = torch.where(info.singular, torch.full_like(value, float("nan")), value)
     if not need_grad:
         return value, None
+    JU = lin.lift(JX.to(z.dtype)) if lifted else JX.to(z.dtype)
     W = V if prec is None else prec.solve_LT(E).to(z.dtype)
-    S = (2.0 / K) * _tangent_inner(lin, W, JX.to(z.dtype))
+    S = (2.0 / K) * _tangent_inner(lin, W, JU)
     return value, S
 
 

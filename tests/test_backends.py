@@ -34,7 +34,9 @@ def test_auto_rule_follows_the_measured_costs():
 
     for path, table in AUTO_EXACT_OVER_CG1.items():
         for d, ratio in table:
-            assert rnf_fast.choose_method(d, 1, path=path) == ("cg" if ratio > 1 else "exact")
+            chosen = rnf_fast.choose_method(d, 1, path=path)
+            # The chosen method's measured time over the faster one's: at most a near-tie.
+            assert (max(ratio, 1.0) if chosen == "exact" else max(1 / ratio, 1.0)) <= 1.15
     assert rnf_fast.choose_method(16, 1, path="generic") == "exact"
     assert rnf_fast.choose_method(64, 1, path="explicit") == "cg"
     assert rnf_fast.choose_method(16, 4, path="explicit") == "exact"  # 4 probes cost more

@@ -135,3 +135,29 @@ def test_factored_gram_only_where_it_pays():
         _narrow_mlp(nn.Tanh()), z, method="exact", chunk_size=2, return_info=True
     )
     assert info.gram == "tangents"
+
+
+def test_cg_in_the_hidden_space_matches_dense_truth(monkeypatch):
+    # A decoder ending in a narrow Linear runs CG's products as Mᵀ(WᵀW)(M v) and lifts M u
+    # to J u once; the estimator must be unchanged.
+    dec = _narrow_mlp(nn.Tanh())
+    z = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    V = torch.randn(5, 2, 3, dtype=torch.float64)
+    lin = rnf_fast.linearize(dec, z)
+    H, AV = lin.gram_mv_hidden(V)
+    JV, AV_direct = lin.gram_mv(V)
+    assert rel_error(lin.lift(H), JV) < 1e-12
+    assert rel_error(AV, AV_direct) < 1e-12
+    calls = []
+    original = type(lin).gram_mv_hidden
+    monkeypatch.setattr(
+        type(lin), "gram_mv_hidden", lambda self, V: calls.append(1) or original(self, V)
+    )
+    inputs = [*dec.parameters(), z]
+    truth = dense_logdet(dec, z)
+    probes = 3**0.5 * torch.eye(3, dtype=torch.float64).expand(5, 3, 3)
+    value = rnf_fast.logdet_grad(dec, z, method="cg", probes=probes, tol=0.0, max_iter=3)
+    assert calls, "the hidden-space products were not used"
+    assert rel_error(value.detach(), truth.detach()) < 1e-9
+    for g, t in zip(grads(value, inputs), grads(truth, inputs)):
+        assert rel_error(g, t) < 1e-8 or t.norm() == 0
