@@ -336,15 +336,7 @@ def logdet_cases(device: torch.device, sizes: Sizes) -> list[dict]:
     params = list(problem.decoder.parameters())
     rows = []
     for label, (fn, kind) in contenders.items():
-
-        def step(fn=fn) -> Tensor:
-            for p in params:
-                p.grad = None
-            problem.z.grad = None
-            value = fn(problem.decoder, problem.z)
-            value.sum().backward()
-            return value.detach()
-
+        step = benchmarks.step_closure(problem, fn)
         value = step()
         got = torch.cat(
             [(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params]

@@ -59,6 +59,7 @@ __all__ = [
     "machine_info",
     "make_problem",
     "make_step",
+    "step_closure",
     "mlp_encoder",
     "peak_memory",
     "problem_encoder",
@@ -308,8 +309,15 @@ CONTENDERS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
 
 
 def make_step(problem: Problem, contender: str) -> Callable[[], Tensor]:
-    """A training-step closure: zero grads, log det term, backward; returns the value."""
-    fn = CONTENDERS[contender]
+    """A training-step closure of a named contender (see :func:`step_closure`)."""
+    return step_closure(problem, CONTENDERS[contender])
+
+
+def step_closure(
+    problem: Problem, fn: Callable[[Callable[[Tensor], Tensor], Tensor], Tensor]
+) -> Callable[[], Tensor]:
+    """A training-step closure of ``fn(decoder, z) -> (B,) log det term``: zero grads, the
+    term, backward; returns the value."""
     params = problem.params
 
     def step() -> Tensor:
