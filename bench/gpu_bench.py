@@ -122,6 +122,10 @@ def check_close(name: str, got: Tensor, torch_run: Tensor, truth: Tensor) -> flo
     return err
 
 
+def _as_tuple(out: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
 def _case(name, impl, ours, ref, *, flops, bytes_, device, sizes, ceil, err):
     t_ours = time_call(ours, device, sizes.budget_s)
     t_ref = time_call(ref, device, sizes.budget_s)
@@ -179,46 +183,29 @@ def kernel_cases(device: torch.device, sizes: Sizes, ceil: dict[str, float]) -> 
     for P in (2, 23):
         dy_dx, dy_dtheta = torch.rand(B, m, **f32), torch.randn(B, m, P, **f32)
         dx_t, dtheta = torch.randn(B, K, m, **f32), torch.randn(B, K, m, P, **f32)
-        args = (dx_t, dtheta, dy_dx, dy_dtheta)
-        err = check_close(
-            "coupling_tangent",
-            kernels.coupling_tangent(*args),
-            kernel_reference.coupling_tangent(*args),
-            kernel_reference.coupling_tangent(*(a.double() for a in args)),
-        )
-        rows.append(
-            _case(
-                f"coupling_tangent P={P} {M}x{m}",
-                impl,
-                lambda a=args: kernels.coupling_tangent(*a),
-                lambda a=args: kernel_reference.coupling_tangent(*a),
-                flops=0,
-                bytes_=4 * (2 * M * m + M * m * P + B * m * (P + 1)),
-                device=device,
-                sizes=sizes,
-                ceil=ceil,
-                err=err,
+        # The two directions of the coupling step, one row each (same bytes moved).
+        for op, args in (
+            ("coupling_tangent", (dx_t, dtheta, dy_dx, dy_dtheta)),
+            ("coupling_cotangent", (dx_t, dy_dx, dy_dtheta)),
+        ):
+            kernel, ref = getattr(kernels, op), getattr(kernel_reference, op)
+            runs = ((kernel, args), (ref, args), (ref, tuple(x.double() for x in args)))
+            outs = [_as_tuple(f(*a)) for f, a in runs]
+            err = max(check_close(op, g, r, t) for g, r, t in zip(*outs))
+            rows.append(
+                _case(
+                    f"{op} P={P} {M}x{m}",
+                    impl,
+                    lambda a=args, f=kernel: f(*a),
+                    lambda a=args, f=ref: f(*a),
+                    flops=0,
+                    bytes_=4 * (2 * M * m + M * m * P + B * m * (P + 1)),
+                    device=device,
+                    sizes=sizes,
+                    ceil=ceil,
+                    err=err,
+                )
             )
-        )
-        cot = (dx_t, dy_dx, dy_dtheta)
-        got = kernels.coupling_cotangent(*cot)
-        ref = kernel_reference.coupling_cotangent(*cot)
-        truth = kernel_reference.coupling_cotangent(*(a.double() for a in cot))
-        err = max(check_close("coupling_cotangent", g, r, t) for g, r, t in zip(got, ref, truth))
-        rows.append(
-            _case(
-                f"coupling_cotangent P={P} {M}x{m}",
-                impl,
-                lambda a=cot: kernels.coupling_cotangent(*a),
-                lambda a=cot: kernel_reference.coupling_cotangent(*a),
-                flops=0,
-                bytes_=4 * (2 * M * m + M * m * P + B * m * (P + 1)),
-                device=device,
-                sizes=sizes,
-                ceil=ceil,
-                err=err,
-            )
-        )
     name, ops = get_backend(None, device)
     for dtype in (torch.float32, torch.float64):
         JT = torch.randn(B, d, D, device=device, dtype=dtype)
