@@ -10,6 +10,18 @@ block of code::
 
     with rnf_fast.use_backend("torch"):
         value = rnf_fast.logdet_grad(decoder, z)
+
+The choice also decides the Triton matvec kernels of :mod:`rnf_fast.kernels` (the tangent and
+cotangent products of the linearizations): they run only under the ``"triton"`` backend (which
+``"auto"`` picks on CUDA when Triton is usable), so ``"torch"`` means PyTorch everywhere and
+``"cpp"`` never launches Triton.
+
+A backend can be unavailable (``RNF_FAST_NO_TRITON=1``, no extension, no device: asking for it
+by name is an error) or disabled (Triton switched itself off after a compile or launcher
+failure in this process: ``"auto"`` skips it, but asking by name still works, its ops running
+the reference). :func:`backend_report` gives the reason of either. The ``"cpp"`` backend runs
+the reference on CUDA tensors where the extension has no CUDA kernels or
+``RNF_FAST_NO_CUDA_EXT=1`` switches them off (:func:`rnf_fast.cpp_backend.cuda_unavailable_reason`).
 """
 
 from __future__ import annotations
@@ -23,6 +35,8 @@ from types import ModuleType
 
 import torch
 
+from .kernels import allow_triton
+
 __all__ = ["available_backends", "backend_report", "get_backend", "use_backend"]
 
 
@@ -33,6 +47,8 @@ class _Entry:
     devices: tuple[str, ...]
     priority: int
     probe: Callable[[], str | None]  # None when usable, else the reason it is not
+    # None unless the backend switched itself off at run time (a reason: "auto" skips it).
+    disabled: Callable[[], str | None] = lambda: None
 
 
 def _always() -> str | None:
@@ -51,6 +67,12 @@ def _triton_probe() -> str | None:
     return unavailable_reason()
 
 
+def _triton_disabled() -> str | None:
+    from .triton_backend import disabled_reason
+
+    return disabled_reason()
+
+
 _REGISTRY: dict[str, _Entry] = {
     "torch": _Entry("torch", "rnf_fast.reference", ("cpu", "cuda", "mps", "xpu"), 0, _always),
     # csrc/ compiled as rnf_fast._C; on CUDA tensors it runs the reference unless _C was built
@@ -58,16 +80,27 @@ _REGISTRY: dict[str, _Entry] = {
     "cpp": _Entry("cpp", "rnf_fast.cpp_backend", ("cpu", "cuda"), 10, _cpp_probe),
     # Triton kernels (rnf_fast.kernels) for gram and cg_update, the "cpp" ops for the rest;
     # CUDA only (never CPU tensors, even where TRITON_INTERPRET=1 would run them).
-    "triton": _Entry("triton", "rnf_fast.triton_backend", ("cuda",), 20, _triton_probe),
+    "triton": _Entry(
+        "triton", "rnf_fast.triton_backend", ("cuda",), 20, _triton_probe, _triton_disabled
+    ),
 }
 _local = threading.local()
 
 
-def _unavailable_reason(entry: _Entry) -> str | None:
+def _ask(entry: _Entry, probe: Callable[[], str | None]) -> str | None:
     try:
-        return entry.probe()
+        return probe()
     except Exception as exc:  # a probe must never break the listing
-        return f"probe failed: {exc!r}"
+        return f"probe of {entry.name!r} failed: {exc!r}"
+
+
+def _unavailable_reason(entry: _Entry) -> str | None:
+    return _ask(entry, entry.probe)
+
+
+def _auto_skip_reason(entry: _Entry) -> str | None:
+    """Why ``"auto"`` does not pick this backend (unavailable or disabled), or None."""
+    return _unavailable_reason(entry) or _ask(entry, entry.disabled)
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
@@ -83,16 +116,24 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     entries = [
         e
         for e in _REGISTRY.values()
-        if (dev is None or dev in e.devices) and _unavailable_reason(e) is None
+        if (dev is None or dev in e.devices) and _auto_skip_reason(e) is None
     ]
     return [e.name for e in sorted(entries, key=lambda e: -e.priority)]
 
 
 def backend_report() -> list[tuple[str, bool, str]]:
-    """Describe every known backend: (name, available, devices or the reason it is not)."""
+    """Describe every known backend.
+
+    Returns:
+        One (name, available, detail) row per backend, in registry order. ``available`` is
+        whether ``"auto"`` may pick it; ``detail`` is the reason it is not (e.g. ``"disabled
+        by RNF_FAST_NO_TRITON=1"``, a recorded Triton failure), else the devices it serves.
+        Whether the ``"cpp"`` ops reach CUDA kernels is
+        :func:`rnf_fast.cpp_backend.cuda_unavailable_reason`.
+    """
     rows = []
     for e in _REGISTRY.values():
-        reason = _unavailable_reason(e)
+        reason = _auto_skip_reason(e)
         rows.append((e.name, reason is None, reason or "devices: " + ", ".join(e.devices)))
     return rows
 
@@ -104,13 +145,21 @@ def _check_name(name: str) -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Make ``name`` the default backend inside the ``with`` block (per thread)."""
+    """Make ``name`` the default backend inside the ``with`` block (per thread).
+
+    The Triton matvec kernels follow it in the block: allowed under ``"triton"`` and
+    ``"auto"``, off under ``"torch"`` and ``"cpp"`` (:func:`rnf_fast.kernels.allow_triton`).
+
+    Arguments:
+        name: a backend name (:func:`backend_report`) or ``"auto"``.
+    """
     if name != "auto":
         _check_name(name)
     previous = getattr(_local, "name", "auto")
     _local.name = name
     try:
-        yield
+        with allow_triton(name in ("auto", "triton")):
+            yield
     finally:
         _local.name = previous
 
@@ -123,7 +172,9 @@ def get_backend(name: str | None, device: torch.device) -> tuple[str, ModuleType
         device: the device of the tensors the ops will see.
 
     Returns:
-        (name, module) of the backend to use.
+        (name, module) of the backend to use. A backend named explicitly is returned even when
+        disabled at run time (its ops then run the reference); one that is unavailable, or
+        that does not serve ``device``, raises ``ValueError``.
     """
     if name is None:
         name = getattr(_local, "name", "auto")

@@ -21,7 +21,7 @@ __all__ = ["main"]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import __version__, backend_report, benchmarks
+    from . import __version__, backend_report, benchmarks, cpp_backend, kernels
 
     print(f"rnf_fast {__version__}")
     for key, value in benchmarks.machine_info().items():
@@ -29,6 +29,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("backends:")
     for name, ok, detail in backend_report():
         print(f"  {name:8s} {'available' if ok else 'unavailable'}  ({detail})")
+    print("kernels:")
+    reason = kernels.triton_unavailable_reason()
+    if reason is not None:
+        matvec = f"PyTorch reference ({reason})"
+    else:
+        matvec = "Triton on float32 CUDA tensors under the triton backend"
+        if not torch.cuda.is_available():
+            matvec += " (no CUDA device here)"
+    print(f"  {'matvec':8s} {matvec}")
+    reason = cpp_backend.cuda_unavailable_reason()
+    cuda = "compiled CUDA kernels" if reason is None else f"PyTorch reference ({reason})"
+    print(f"  {'_C cuda':8s} {cuda}")
     return 0
 
 
@@ -276,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     sa.add_argument("--out", default="samples.npy", help="output file: .npy, .pt or .csv")
     sa.set_defaults(func=_cmd_sample)
-    info = sub.add_parser("info", help="show versions and the available backends")
+    info = sub.add_parser(
+        "info", help="show versions, the backends and the kernels in use, with the reasons"
+    )
     info.set_defaults(func=_cmd_info)
     bench = sub.add_parser(
         "bench",

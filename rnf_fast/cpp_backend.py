@@ -8,6 +8,10 @@ dtypes other than float32/float64, mixed dtypes or devices, other devices, d (Ch
 non-contiguous CG state. Ops with no compiled version (``gram``, ``cg_init``,
 ``lanczos_tridiagonal``) are the reference's.
 
+``RNF_FAST_NO_CUDA_EXT=1`` in the environment (read at each call) switches the CUDA kernels
+off: ops on CUDA tensors then run the reference, and the CPU kernels are unaffected
+(:func:`cuda_unavailable_reason` says why CUDA tensors do not reach the kernels).
+
 Deliberate differences from the reference: a Lanczos tridiagonal with NaN or Inf entries gives
 a NaN estimate (the reference's ``eigh`` may raise for the whole batch); :func:`cholesky_inverse`
 of a factor with a zero pivot gives Inf/NaN entries for that system (the reference raises for
@@ -18,6 +22,7 @@ some of them).
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import Tensor
@@ -45,13 +50,16 @@ __all__ = [
     "cg_update",
     "cholesky_logdet",
     "cholesky_inverse",
+    "cuda_unavailable_reason",
     "gram",
     "JITTER_STEPS",
     "lanczos_logquad",
     "lanczos_tridiagonal",
+    "NO_CUDA_EXT_ENV",
     "unavailable_reason",
 ]
 
+NO_CUDA_EXT_ENV = "RNF_FAST_NO_CUDA_EXT"  # "1": CUDA tensors run the reference (read per call)
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -70,16 +78,34 @@ def unavailable_reason() -> str | None:
     )
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why ops on CUDA tensors run the reference rather than the extension's CUDA kernels, or
+    None when they run the kernels (the extension imports, was built with CUDA, and
+    ``RNF_FAST_NO_CUDA_EXT=1`` is not set)."""
+    if _C is None:
+        return unavailable_reason()
+    if not _C.WITH_CUDA:
+        return (
+            "rnf_fast._C was built without CUDA; reinstall with a CUDA build of torch and the "
+            "CUDA toolchain (CUDA_HOME)"
+        )
+    if os.environ.get(NO_CUDA_EXT_ENV, "0") == "1":
+        return f"disabled by {NO_CUDA_EXT_ENV}=1"
+    return None
+
+
 def _covers(*tensors: Tensor) -> bool:
     """Whether the kernels take these tensors: one float dtype and one device they serve."""
     if _C is None:
         return False
     first = tensors[0]
-    if first.dtype not in _FLOATS or not (
-        first.device.type == "cpu" or (first.device.type == "cuda" and _C.WITH_CUDA)
+    if first.dtype not in _FLOATS or not all(
+        t.dtype == first.dtype and t.device == first.device for t in tensors
     ):
         return False
-    return all(t.dtype == first.dtype and t.device == first.device for t in tensors)
+    return first.device.type == "cpu" or (
+        first.device.type == "cuda" and cuda_unavailable_reason() is None
+    )
 
 
 def _square_batch(M: Tensor) -> bool:

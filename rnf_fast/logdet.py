@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backends import get_backend
 from .cg import batched_cg
+from .kernels import allow_triton
 from .linop import Batching, Linearization, linearize
 from .precondition import build_preconditioner, check_preconditioner
 from .probes import PROBE_KINDS, ProbeKind, make_probes
@@ -578,7 +579,8 @@ def logdet_grad(
         chunk_size: exact path only: push the d tangents in chunks of this many, recomputing
             each chunk's graph inside backward, so peak memory scales with chunk_size.
         backend: backend of the small ops (:func:`rnf_fast.available_backends`); default: the
-            ``use_backend`` setting, else the fastest available for z's device.
+            ``use_backend`` setting, else the fastest available for z's device. The Triton
+            matvec kernels of the linearizations run only when it resolves to ``"triton"``.
         linalg_dtype: dtype of JᵀJ, Cholesky and CG scalars; default float64 when z is a
             lower precision (cond(JᵀJ) = cond(J)², so float32 Cholesky fails first).
         batching: tangent batching of the generic path: ``"auto"``, ``"vmap"`` or
@@ -643,49 +645,52 @@ def logdet_grad(
         raise ValueError(f"{name} applies to method='cg' only, got method='exact'")
     ldtype = _linalg_dtype(z, linalg_dtype)
     backend_name, ops = get_backend(backend, z.device)
-    lin = linearize(decoder, z, batching=batching)
-    if method == "auto":
-        path = "explicit" if getattr(lin, "batching", None) == "explicit" else "generic"
-        method = choose_method(d, K, path=path)
-    need_grad = torch.is_grad_enabled()
-    info = LogdetInfo(
-        method=method,
-        backend=backend_name,
-        batching="",
-        fallback_reason=None,
-        linalg_dtype=ldtype,
-        probes=d if method == "exact" else K,
-    )
-    if method == "exact":
-        value, S = _exact(lin, z, ops, ldtype, chunk_size, need_grad, on_singular, info)
-    else:
-        V = _draw_probes(probes, z, probe_kind, generator)
-        prec = None
-        if preconditioner is not None:
-            prec = build_preconditioner(
-                preconditioner, decoder, lin, z, dtype=ldtype, batching=batching
-            )
-            info.preconditioner = prec.kind
-        value, S = _cg(
-            lin,
-            z,
-            backend_name,
-            ldtype,
-            V,
-            float(tol),
-            max_iter,
-            fixed_iterations,
-            need_grad,
-            on_singular,
-            info,
-            prec,
-            x0,
+    # The Triton matvec kernels run only under the "triton" backend: "torch" and "cpp" mean
+    # no Triton anywhere in the call.
+    with allow_triton(backend_name == "triton"):
+        lin = linearize(decoder, z, batching=batching)
+        if method == "auto":
+            path = "explicit" if getattr(lin, "batching", None) == "explicit" else "generic"
+            method = choose_method(d, K, path=path)
+        need_grad = torch.is_grad_enabled()
+        info = LogdetInfo(
+            method=method,
+            backend=backend_name,
+            batching="",
+            fallback_reason=None,
+            linalg_dtype=ldtype,
+            probes=d if method == "exact" else K,
         )
-    info.batching = getattr(lin, "batching", type(lin).__name__)
-    info.fallback_reason = getattr(lin, "fallback_reason", None)
-    value = value.to(z.dtype)
-    out = value if S is None or not S.requires_grad else value + (S - S.detach())
-    return (out, info) if return_info else out
+        if method == "exact":
+            value, S = _exact(lin, z, ops, ldtype, chunk_size, need_grad, on_singular, info)
+        else:
+            V = _draw_probes(probes, z, probe_kind, generator)
+            prec = None
+            if preconditioner is not None:
+                prec = build_preconditioner(
+                    preconditioner, decoder, lin, z, dtype=ldtype, batching=batching
+                )
+                info.preconditioner = prec.kind
+            value, S = _cg(
+                lin,
+                z,
+                backend_name,
+                ldtype,
+                V,
+                float(tol),
+                max_iter,
+                fixed_iterations,
+                need_grad,
+                on_singular,
+                info,
+                prec,
+                x0,
+            )
+        info.batching = getattr(lin, "batching", type(lin).__name__)
+        info.fallback_reason = getattr(lin, "fallback_reason", None)
+        value = value.to(z.dtype)
+        out = value if S is None or not S.requires_grad else value + (S - S.detach())
+        return (out, info) if return_info else out
 
 
 def logdet(

@@ -1,0 +1,430 @@
+"""Fallbacks that never strand a user: the switches RNF_FAST_NO_TRITON and
+RNF_FAST_NO_CUDA_EXT, a Triton that fails to compile or build its launcher (one warning, the
+reference's result, Triton off for the process), CUDA faults raised as they are, and the
+backend of a call deciding whether the Triton matvec kernels run.
+
+There is no GPU here: the Triton launchers are replaced by spies (``kernels._kernel``), and
+CPU float32 tensors stand in for CUDA ones where the test is about what happens after the
+device check (``kernels._kernel_takes``, ``triton_backend._on_cuda`` patched), or FakeTensor
+CUDA tensors where the device check itself is under test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import warnings
+from dataclasses import fields, replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+from rnf_fast.kernels import reference as kernel_reference
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import rnf_fast
+from rnf_fast import backends, cli, cpp_backend, kernels, reference, triton_backend
+from rnf_fast.testing import mlp_decoder
+
+
+class CompilationError(Exception):
+    """Stands for triton.compiler.errors.CompilationError (recognised by its module)."""
+
+    __module__ = "triton.compiler.errors"
+
+
+BUILD_FAILURES = {
+    "compile": CompilationError("at 12:8: unsupported tensor index"),
+    "compiler exits": subprocess.CalledProcessError(
+        1, ["gcc", "main.c", "-I/usr/include/python3.11", "-o", "launcher.so"]
+    ),
+    "no compiler": FileNotFoundError(2, "No such file or directory", "gcc"),
+    "no Python.h": RuntimeError("Failed to find C compiler. Please specify via CC."),
+}
+CUDA_FAULTS = {
+    "cuda error": RuntimeError("CUDA error: an illegal memory access was encountered"),
+    "launcher error": RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"),
+}
+if hasattr(torch, "AcceleratorError"):
+    CUDA_FAULTS["AcceleratorError"] = torch.AcceleratorError("CUDA error: misaligned address")
+
+
+class Spy:
+    """A fake ``kernels._kernel``: records each launch by op name, then raises ``error`` or
+    returns what the op's reference returns."""
+
+    REFERENCES = {
+        "scaled_linear": kernel_reference.scaled_linear,
+        "coupling_tangent": kernel_reference.coupling_tangent,
+        "coupling_cotangent": kernel_reference.coupling_cotangent,
+        "gram": reference.gram,
+        "cg_update": reference.cg_update,
+    }
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+        self.calls: list[str] = []
+
+    def __call__(self, op: str):
+        def launch(*args, **kwargs):
+            self.calls.append(op)
+            if self.error is not None:
+                raise self.error
+            return self.REFERENCES[op](*args, **kwargs)
+
+        return launch
+
+
+def _takes_cpu(*tensors):
+    """kernels._kernel_takes with "cpu" in place of "cuda" (dtype and graph checks kept)."""
+    present = [t for t in tensors if t is not None]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in present):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    """No switch set, no failure recorded, Triton 'installed', default thread setting."""
+    monkeypatch.delenv(kernels.NO_TRITON_ENV, raising=False)
+    monkeypatch.delenv(cpp_backend.NO_CUDA_EXT_ENV, raising=False)
+    monkeypatch.setattr(kernels, "_failure", None)
+    monkeypatch.setattr(kernels, "_triton_installed", lambda: True)
+    monkeypatch.setattr(kernels, "_local", threading.local())
+
+
+@pytest.fixture
+def cpu_as_cuda(monkeypatch):
+    """CPU float32 tensors pass the kernels' device checks."""
+    monkeypatch.setattr(kernels, "_kernel_takes", _takes_cpu)
+    monkeypatch.setattr(
+        triton_backend, "_on_cuda", lambda *ts: all(t.device.type == "cpu" for t in ts)
+    )
+
+
+def _spy(monkeypatch, error=None) -> Spy:
+    spy = Spy(error)
+    monkeypatch.setattr(kernels, "_kernel", spy)
+    return spy
+
+
+def _linear_args():
+    g = torch.Generator().manual_seed(1)
+    C = torch.randn(2, 3, 5, generator=g)  # cotangents: transpose=True
+    W, S = torch.randn(5, 4, generator=g), torch.rand(2, 5, generator=g)
+    return C, W, S
+
+
+def _triton_row():
+    return {row[0]: row for row in rnf_fast.backend_report()}["triton"]
+
+
+# ------------------------------------------------------------------ switches
+
+
+def test_no_triton_switch_is_read_at_call_time(monkeypatch, cpu_as_cuda):
+    spy = _spy(monkeypatch)
+    C, W, S = _linear_args()
+    kernels.scaled_linear(C, W, S, transpose=True)
+    assert spy.calls == ["scaled_linear"]  # the spy is reached without the switch
+    monkeypatch.setenv("RNF_FAST_NO_TRITON", "1")  # after every import
+    got = kernels.scaled_linear(C, W, S, transpose=True)
+    kernels.coupling_cotangent(C, torch.rand(2, 5), torch.randn(2, 5, 2))
+    triton_backend.gram(torch.randn(2, 6, 3))
+    assert spy.calls == ["scaled_linear"]  # nothing more launched under the switch
+    assert torch.equal(got, kernel_reference.scaled_linear(C, W, S, transpose=True))
+    assert not kernels.triton_available()
+    assert kernels.triton_unavailable_reason() == "disabled by RNF_FAST_NO_TRITON=1"
+    assert _triton_row()[1:] == (False, "disabled by RNF_FAST_NO_TRITON=1")
+    monkeypatch.setenv("RNF_FAST_NO_TRITON", "0")
+    kernels.scaled_linear(C, W, S, transpose=True)
+    assert spy.calls == ["scaled_linear"] * 2  # back on once the switch is cleared
+
+
+def test_no_triton_switch_makes_the_backend_unavailable_by_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert triton_backend.unavailable_reason() is None
+    assert rnf_fast.available_backends("cuda")[0] == "triton"
+    monkeypatch.setenv("RNF_FAST_NO_TRITON", "1")
+    assert "triton" not in rnf_fast.available_backends("cuda")
+    with pytest.raises(ValueError, match="disabled by RNF_FAST_NO_TRITON=1"):
+        backends.get_backend("triton", torch.device("cuda"))
+
+
+class _FakeExtension:
+    """A stand-in for rnf_fast._C built with CUDA: cholesky_inverse records its calls."""
+
+    WITH_CUDA = True
+    MAX_DIM = 64
+    MAX_JITTER_STEPS = 8
+
+    def __init__(self):
+        self.calls = 0
+
+    def cholesky_inverse(self, L):
+        self.calls += 1
+        return torch.empty_like(L)
+
+
+def test_no_cuda_ext_switch_sends_cuda_tensors_to_the_reference(monkeypatch):
+    ext = _FakeExtension()
+    monkeypatch.setattr(cpp_backend, "_C", ext)
+    with FakeTensorMode():  # CUDA tensors without a GPU: the real device check runs
+        L = torch.randn(3, 4, 4, device="cuda", dtype=torch.float64)
+        cpp_backend.cholesky_inverse(L)
+        assert ext.calls == 1  # CUDA tensors reach the extension's kernels
+        monkeypatch.setenv("RNF_FAST_NO_CUDA_EXT", "1")  # read at call time
+        out = cpp_backend.cholesky_inverse(L)
+        assert ext.calls == 1 and out.shape == (3, 4, 4)  # the reference ran instead
+    cpp_backend.cholesky_inverse(torch.eye(4, dtype=torch.float64).repeat(3, 1, 1))
+    assert ext.calls == 2  # CPU tensors still reach the compiled kernels
+    assert cpp_backend.cuda_unavailable_reason() == "disabled by RNF_FAST_NO_CUDA_EXT=1"
+    monkeypatch.delenv("RNF_FAST_NO_CUDA_EXT")
+    assert cpp_backend.cuda_unavailable_reason() is None
+
+
+def test_cuda_ext_reason_names_a_build_without_cuda(monkeypatch):
+    monkeypatch.setattr(cpp_backend, "_C", SimpleNamespace(WITH_CUDA=False))
+    assert "built without CUDA" in cpp_backend.cuda_unavailable_reason()
+    monkeypatch.setattr(cpp_backend, "_C", None)
+    assert cpp_backend.cuda_unavailable_reason() == cpp_backend.unavailable_reason()
+
+
+# ------------------------------------------------------------------ Triton failures
+
+
+def _three_calls(C, W, S):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [kernels.scaled_linear(C, W, S, transpose=True) for _ in range(3)]
+    return outs, [w for w in caught if issubclass(w.category, kernels.TritonFallbackWarning)]
+
+
+@pytest.mark.parametrize("name", list(BUILD_FAILURES))
+def test_build_failure_falls_back_once_and_switches_triton_off(monkeypatch, cpu_as_cuda, name):
+    error = BUILD_FAILURES[name]
+    spy = _spy(monkeypatch, error)
+    C, W, S = _linear_args()
+    outs, warned = _three_calls(C, W, S)
+    want = kernel_reference.scaled_linear(C, W, S, transpose=True)
+    assert all(torch.equal(out, want) for out in outs)  # the fallback got every argument
+    assert spy.calls == ["scaled_linear"]  # tried once, then off for the process
+    assert len(warned) == 1, [str(w.message) for w in warned]
+    message = str(warned[0].message)
+    assert type(error).__name__ in message and "RNF_FAST_NO_TRITON=1" in message, message
+    assert kernels.triton_failure().startswith(f"scaled_linear: {type(error).__name__}: ")
+    assert "after a failure in scaled_linear" in kernels.triton_unavailable_reason()
+    kernels.coupling_tangent(
+        torch.randn(2, 3, 4), torch.randn(2, 3, 4, 2), torch.rand(2, 4), torch.randn(2, 4, 2)
+    )
+    assert spy.calls == ["scaled_linear"]  # the other kernels are off too
+
+
+def test_import_error_of_triton_falls_back(monkeypatch, cpu_as_cuda):
+    # The real launcher lookup: importing the kernel module imports Triton, which fails.
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.delitem(sys.modules, "rnf_fast.kernels.linear", raising=False)
+    C, W, S = _linear_args()
+    outs, warned = _three_calls(C, W, S)
+    assert all(
+        torch.equal(o, kernel_reference.scaled_linear(C, W, S, transpose=True)) for o in outs
+    )
+    assert len(warned) == 1 and "ModuleNotFoundError" in str(warned[0].message)
+    assert kernels.triton_failure().startswith("scaled_linear: ModuleNotFoundError")
+
+
+@pytest.mark.parametrize("name", list(CUDA_FAULTS))
+def test_cuda_fault_is_raised_not_hidden(monkeypatch, cpu_as_cuda, name):
+    error = CUDA_FAULTS[name]
+    spy = _spy(monkeypatch, error)
+    C, W, S = _linear_args()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kernels.TritonFallbackWarning)
+        for attempt in (1, 2):
+            with pytest.raises(type(error)) as raised:
+                kernels.scaled_linear(C, W, S, transpose=True)
+            assert raised.value is error
+            assert len(spy.calls) == attempt  # not switched off: nothing was recovered
+    assert kernels.triton_failure() is None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("X must be (B, K, n)"), torch.OutOfMemoryError("CUDA out of memory.")],
+    ids=["bad argument", "out of memory"],
+)
+def test_errors_that_are_not_build_failures_are_raised(monkeypatch, cpu_as_cuda, error):
+    _spy(monkeypatch, error)
+    with pytest.raises(type(error)):
+        kernels.scaled_linear(*_linear_args(), transpose=True)
+    assert kernels.triton_failure() is None and kernels.triton_available()
+
+
+def test_triton_backend_gram_falls_back_and_the_backend_stays_usable_by_name(
+    monkeypatch, cpu_as_cuda
+):
+    spy = _spy(monkeypatch, BUILD_FAILURES["compiler exits"])
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda: None)  # as on a GPU box
+    assert rnf_fast.available_backends("cuda")[0] == "triton"
+    J = torch.randn(3, 7, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = triton_backend.gram(J), triton_backend.gram(J)
+    assert torch.equal(first, reference.gram(J)) and torch.equal(second, reference.gram(J))
+    assert spy.calls == ["gram"]
+    assert [w.category for w in caught] == [kernels.TritonFallbackWarning]
+    # "auto" skips it from now on, the report says why, and naming it still works.
+    assert "triton" not in rnf_fast.available_backends("cuda")
+    available, detail = _triton_row()[1:]
+    assert not available and "after a failure in gram: CalledProcessError" in detail, detail
+    assert backends.get_backend("triton", torch.device("cuda"))[0] == "triton"
+
+
+def _clone(state):
+    return replace(state, **{f.name: getattr(state, f.name).clone() for f in fields(state)
+                             if isinstance(getattr(state, f.name), torch.Tensor)})  # fmt: skip
+
+
+def test_triton_backend_cg_update_falls_back_from_an_untouched_state(monkeypatch, cpu_as_cuda):
+    spy = _spy(monkeypatch, CompilationError("at 3:4: bad block size"))
+    g = torch.Generator().manual_seed(2)
+    G = torch.randn(5, 4, 4, generator=g, dtype=torch.float64)
+    A = G @ G.mT + torch.eye(4, dtype=torch.float64)
+    b = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    ours, ref = reference.cg_init(b, 4), reference.cg_init(b, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            a1 = triton_backend.cg_update(ours, (A @ ours.p.unsqueeze(-1)).squeeze(-1), 1e-8)
+            a2 = reference.cg_update(ref, (A @ ref.p.unsqueeze(-1)).squeeze(-1), 1e-8)
+            assert torch.equal(a1, a2)
+    assert spy.calls == ["cg_update"] and len(caught) == 1
+    assert ours.it == ref.it == 3
+    assert torch.equal(ours.x, ref.x) and torch.equal(ours.alphas, ref.alphas)
+
+
+def test_a_failing_step_leaves_the_state_for_the_reference(monkeypatch, cpu_as_cuda):
+    # The real cg launcher checks and compiles before writing; a spy that fails the same way
+    # must leave the state bit for bit as it was (the fallback starts from it).
+    spy = _spy(monkeypatch, BUILD_FAILURES["no compiler"])
+    b = torch.randn(4, 3, dtype=torch.float64)
+    state = reference.cg_init(b, 3)
+    before = _clone(state)
+    Ap = 2.0 * state.p
+    with pytest.warns(kernels.TritonFallbackWarning, match="FileNotFoundError"):
+        alpha = triton_backend.cg_update(state, Ap, 1e-8)
+    assert torch.equal(alpha, reference.cg_update(before, Ap, 1e-8))
+    assert spy.calls == ["cg_update"] and state.it == before.it == 1
+    assert torch.equal(state.x, before.x) and torch.equal(state.r, before.r)
+
+
+# ------------------------------------------------------------------ backend decides Triton
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch, cpu_as_cuda):
+    """The "triton" backend resolvable for CPU tensors, its matvec launches spied on."""
+    entry = backends._REGISTRY["triton"]
+    monkeypatch.setitem(
+        backends._REGISTRY, "triton", replace(entry, devices=("cpu", "cuda"), probe=lambda: None)
+    )
+    return _spy(monkeypatch)
+
+
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_only_the_triton_backend_launches_the_matvec_kernels(triton_on_cpu, method):
+    spy = triton_on_cpu
+    dec = mlp_decoder(3, 6, dtype=torch.float32)
+    z = torch.randn(4, 3)
+    kw = {"method": method, "probes": torch.randn(4, 2, 3)}
+    if method == "exact":
+        kw.pop("probes")
+    values = {}
+    for backend in ("torch", "cpp", "auto", "triton"):
+        spy.calls.clear()
+        with torch.no_grad():
+            values[backend], info = rnf_fast.logdet_grad(dec, z, backend=backend,
+                                                         return_info=True, **kw)  # fmt: skip
+        if backend in ("triton", "auto"):  # "auto" picks "triton" where it is usable
+            assert info.backend == "triton" and "scaled_linear" in spy.calls, spy.calls
+        else:
+            assert spy.calls == [], (backend, spy.calls)
+    torch.testing.assert_close(values["triton"], values["torch"])
+    spy.calls.clear()
+    with rnf_fast.use_backend("torch"), torch.no_grad():
+        rnf_fast.logdet_grad(dec, z, **kw)
+    assert spy.calls == []
+
+
+def test_use_backend_and_the_default_outside_logdet_grad(triton_on_cpu):
+    spy = triton_on_cpu
+    C, W, S = _linear_args()
+    kernels.scaled_linear(C, W, S, transpose=True)
+    assert spy.calls == ["scaled_linear"]  # default: Triton wherever it is usable
+    for name, launches in (("torch", 0), ("cpp", 0), ("triton", 1), ("auto", 1)):
+        spy.calls.clear()
+        with rnf_fast.use_backend(name):
+            kernels.scaled_linear(C, W, S, transpose=True)
+        assert len(spy.calls) == launches, name
+    with rnf_fast.use_backend("torch"), rnf_fast.use_backend("triton"):
+        spy.calls.clear()
+        kernels.scaled_linear(C, W, S, transpose=True)
+    assert spy.calls == ["scaled_linear"]  # the innermost block wins
+
+
+def test_allow_triton_is_per_thread(triton_on_cpu):
+    spy = triton_on_cpu
+    C, W, S = _linear_args()
+    with kernels.allow_triton(False):
+        kernels.scaled_linear(C, W, S, transpose=True)
+        assert spy.calls == []
+        other = threading.Thread(target=kernels.scaled_linear, args=(C, W, S),
+                                 kwargs={"transpose": True})  # fmt: skip
+        other.start()
+        other.join()
+        assert spy.calls == ["scaled_linear"]  # another thread keeps its own (default) setting
+    with pytest.raises(TypeError, match="allowed must be a bool"), kernels.allow_triton("no"):
+        pass
+
+
+def test_real_device_check_routes_cuda_tensors_only(monkeypatch):
+    spy = _spy(monkeypatch)
+    X, W, S = torch.randn(2, 3, 4), torch.randn(5, 4), torch.rand(2, 5)
+    kernels.scaled_linear(X, W, S)
+    assert spy.calls == []  # CPU tensors never reach Triton
+    with FakeTensorMode():
+        Xc, Wc, Sc = (torch.randn(2, 3, 4, device="cuda"), torch.randn(5, 4, device="cuda"),
+                      torch.rand(2, 5, device="cuda"))  # fmt: skip
+        out = kernels.scaled_linear(Xc, Wc, Sc)
+        assert spy.calls == ["scaled_linear"] and out.shape == (2, 3, 5)
+        with rnf_fast.use_backend("torch"):
+            kernels.scaled_linear(Xc, Wc, Sc)
+        kernels.scaled_linear(Xc.double(), Wc.double(), Sc.double())
+    assert spy.calls == ["scaled_linear"]  # not under "torch", not for float64
+
+
+def test_run_triton_names_the_op():
+    with pytest.raises(ValueError, match="op must be one of"):
+        kernels.run_triton("matmul", torch.matmul, torch.eye(2), torch.eye(2))
+
+
+# ------------------------------------------------------------------ rnf-fast info
+
+
+def test_info_reports_switches_and_failures(monkeypatch, capsys):
+    monkeypatch.setenv("RNF_FAST_NO_TRITON", "1")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "triton   unavailable  (disabled by RNF_FAST_NO_TRITON=1)" in out, out
+    assert "matvec   PyTorch reference (disabled by RNF_FAST_NO_TRITON=1)" in out, out
+    cuda_line = next(line for line in out.splitlines() if line.startswith("  _C cuda"))
+    reason = cpp_backend.cuda_unavailable_reason()
+    assert cuda_line.endswith(f"({reason})" if reason else "compiled CUDA kernels"), cuda_line
+    monkeypatch.delenv("RNF_FAST_NO_TRITON")
+    monkeypatch.setattr(kernels, "_failure", "gram: CalledProcessError: gcc exited with 1")
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda: None)
+    cli.main(["info"])
+    out = capsys.readouterr().out
+    assert "triton   unavailable  (disabled in this process after a failure in gram" in out, out
+    assert "matvec   PyTorch reference (disabled in this process after a failure in gram" in out
