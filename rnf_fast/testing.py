@@ -1,13 +1,19 @@
-"""Shared helpers for tests and benchmarks: random decoders and the closeness rule."""
+"""Shared helpers for tests and benchmarks: random decoders, the closeness rule and the CG
+agreement rule that every kernel-against-reference comparison uses (CPU, interpreter, GPU)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "CG_FLOAT32_TOL",
     "NonVmappableDecoder",
     "SinSoftplusDecoder",
+    "assert_within_2x",
+    "cg_agreement",
     "grads",
     "mlp_decoder",
     "rel_error",
@@ -110,3 +116,129 @@ def grads(value: Tensor, inputs: list[Tensor]) -> list[Tensor]:
     """Gradients of ``value.sum()`` with respect to ``inputs`` (zeros where unused)."""
     gs = torch.autograd.grad(value.sum(), inputs, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)]
+
+
+def assert_within_2x(
+    name: str, got: Tensor, torch_run: Tensor, truth: Tensor, torch_truth: Tensor | None = None
+) -> tuple[float, float]:
+    """Check the closeness rule: rel_error(got, truth) <= 2 · rel_error(torch_run, torch_truth).
+
+    A kernel's error against a higher-precision truth may be at most twice that of the PyTorch
+    reference run at the kernel's precision: the tolerance follows the conditioning of the
+    problem, not a magic number. The bound never goes below the unit roundoff u = eps / 2 of
+    ``got``'s dtype, the error of a correctly rounded result: a reference that happens to be
+    exact cannot demand better than correct rounding.
+
+    Arguments:
+        name: what is compared, for the failure message.
+        got: the kernel's result.
+        torch_run: the reference's result at the kernel's precision.
+        truth: the same quantity in higher precision (or exact).
+        torch_truth: the truth for ``torch_run`` when it differs from ``truth``: a step of a
+            recurrence is judged on its own inputs, each run's own earlier results.
+
+    Returns:
+        (kernel error, PyTorch error), relative in the Frobenius norm.
+
+    Example:
+        >>> truth = torch.linspace(1, 2, 5, dtype=torch.float64)
+        >>> assert_within_2x("copy", truth.float(), truth.float(), truth)[0] < 1e-7
+        True
+    """
+    if got.shape != truth.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != {tuple(truth.shape)}")
+    torch_truth = truth if torch_truth is None else torch_truth
+    err_kernel = rel_error(got.double(), truth.double())
+    err_torch = rel_error(torch_run.double(), torch_truth.double())
+    bound = max(2 * err_torch, torch.finfo(got.dtype).eps / 2)
+    if not err_kernel <= bound:
+        raise AssertionError(
+            f"{name}: kernel error {err_kernel:.3e} exceeds 2 x the PyTorch error "
+            f"{err_torch:.3e} (bound {bound:.3e}) against the truth"
+        )
+    return err_kernel, err_torch
+
+
+CG_FLOAT32_TOL = 1e-3
+"""The tolerance float32 CG comparisons run at: well above float32's floor, where a kernel's
+own rounding cannot decide whether a system converges (at 1e-5, a C++ kernel and the PyTorch
+reference stopped 92 of 1,024 float32 systems of size 16 at different steps)."""
+
+
+def cg_agreement(
+    update: Callable[..., Tensor],
+    A: Tensor,
+    b: Tensor,
+    *,
+    tol: float | None = None,
+    max_iter: int | None = None,
+) -> dict[str, float]:
+    """Solve the systems A x = b with a backend's ``cg_update`` and with the reference's, and
+    check that they agree by the rule every GPU and kernel comparison follows:
+
+    - float64: identical per-system step counts and breakdown flags, x within the closeness
+      rule against the float64 solution;
+    - float32 (only at ``tol >= CG_FLOAT32_TOL``): x and the Lanczos log-quadrature value
+      bᵀ log(A) b within the closeness rule against their float64 truths. Per-system step
+      counts may differ by rounding: the number that differ is reported, not asserted.
+
+    Arguments:
+        update: the backend's ``cg_update(state, Ap, tol)``.
+        A: (N, d, d) SPD matrices (float32 or float64).
+        b: (N, d) right-hand sides, same dtype and device.
+        tol: relative residual tolerance (default: 1e-6 in float64, CG_FLOAT32_TOL in float32;
+            at 1e-10 float64 runs of 16-wide systems also split, on 28 of 1,024).
+        max_iter: iteration cap (default 3 d: enough for every well-conditioned system).
+
+    Returns:
+        ``steps_differ`` (systems whose step counts differ), ``max_step_gap``, ``x_err`` and
+        ``x_err_torch``, ``logquad_err`` and ``logquad_err_torch`` (relative errors against the
+        float64 truths), ``iterations`` (the mean steps of the reference).
+
+    Raises:
+        AssertionError: when the rule is broken; ValueError: float32 below CG_FLOAT32_TOL.
+    """
+    from . import reference
+
+    f64 = A.dtype == torch.float64
+    tol = (1e-6 if f64 else CG_FLOAT32_TOL) if tol is None else tol
+    if not f64 and tol < CG_FLOAT32_TOL:
+        raise ValueError(
+            f"tol must be >= {CG_FLOAT32_TOL} for float32 systems (rounding decides the "
+            f"stopping step below it), got {tol}"
+        )
+    N, d = b.shape
+    max_iter = 3 * d if max_iter is None else max_iter
+    states = {}
+    for label, step in (("backend", update), ("torch", reference.cg_update)):
+        state = reference.cg_init(b, max_iter)
+        for _ in range(max_iter):
+            step(state, (A @ state.p.unsqueeze(-1)).squeeze(-1), tol)
+        states[label] = state
+    ours, ref = states["backend"], states["torch"]
+    gap = (ours.steps - ref.steps).abs()
+    if f64 and not (
+        torch.equal(ours.steps, ref.steps) and torch.equal(ours.breakdown, ref.breakdown)
+    ):
+        raise AssertionError(
+            f"cg_update: float64 step counts differ from the reference on {int((gap > 0).sum())} "
+            f"of {N} systems"
+        )
+    A64, b64 = A.double(), b.double()
+    x_err, x_err_torch = assert_within_2x("cg x", ours.x, ref.x, torch.linalg.solve(A64, b64))
+    report = {
+        "steps_differ": int((gap > 0).sum()),
+        "max_step_gap": int(gap.max()) if N else 0,
+        "x_err": x_err,
+        "x_err_torch": x_err_torch,
+        "iterations": float(ref.steps.double().mean()),
+    }
+    if not f64:
+        lam, Q = torch.linalg.eigh(A64)
+        qb = (Q.mT @ b64.unsqueeze(-1)).squeeze(-1)
+        quad_truth = (qb**2 * lam.log()).sum(-1)
+        quads = [reference.lanczos_logquad(s.alphas, s.betas, s.steps, s.bb) for s in (ours, ref)]
+        report["logquad_err"], report["logquad_err_torch"] = assert_within_2x(
+            "cg Lanczos value", *quads, quad_truth
+        )
+    return report

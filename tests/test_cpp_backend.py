@@ -10,7 +10,7 @@ import torch
 import rnf_fast
 from rnf_fast import cpp_backend as cpp
 from rnf_fast import reference as ref
-from rnf_fast.testing import grads, mlp_decoder, rel_error
+from rnf_fast.testing import cg_agreement, grads, mlp_decoder, rel_error
 
 needs_ext = pytest.mark.skipif(cpp._C is None, reason=cpp.unavailable_reason() or "")
 DTYPES = [torch.float32, torch.float64]
@@ -429,46 +429,81 @@ def test_cg_update_validates_its_arguments():
 
 
 # --- CUDA (runs where a GPU and a CUDA build of the extension exist) ---------------------
+# float64: the CUDA kernels match the CPU kernels to rounding, with identical discrete outcomes;
+# float32: each result is within 2x the error of the PyTorch reference run on the same float32
+# input, both against the float64 truth (rnf_fast.testing states the rule).
 
 
-@pytest.mark.skipif(
-    cpp._C is None or not cpp._C.WITH_CUDA or not torch.cuda.is_available(),
-    reason="needs a GPU and rnf_fast._C built with CUDA",
+def _toolchain_for_cuda() -> str | None:
+    """Why a CUDA build of the extension is not expected here, or None when it is."""
+    if torch.version.cuda is None:
+        return "torch has no CUDA"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return "no CUDA toolchain (CUDA_HOME)" if CUDA_HOME is None else None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_toolchain_for_cuda() is not None, reason=str(_toolchain_for_cuda()))
+def test_the_extension_is_built_with_cuda_where_torch_and_nvcc_have_it():
+    # A failed CUDA build is optional at install time (pip still installs the package), so
+    # this is where it must show: the GPU run would otherwise measure the PyTorch fallback.
+    assert cpp._C is not None, cpp.unavailable_reason()
+    assert cpp._C.WITH_CUDA, (
+        "rnf_fast._C was built without CUDA although torch has CUDA and nvcc is present: "
+        "rebuild with RNF_FAST_REQUIRE_EXTENSION=1 pip install --no-build-isolation -e . "
+        "to see why"
+    )
+
+
+needs_cuda_ext = pytest.mark.skipif(
+    cpp._C is None or not cpp._C.WITH_CUDA, reason="needs rnf_fast._C built with CUDA"
 )
+
+
+def _check_on_cuda(what, op, *inputs):
+    """Run ``op`` on CUDA copies of the CPU ``inputs`` and apply the rule of this section."""
+    got = op(*(t.cuda() for t in inputs))
+    got = tuple(t.cpu() for t in (got if isinstance(got, tuple) else (got,)))
+    dtype = inputs[0].dtype
+    if dtype == torch.float64:
+        want = op(*inputs)
+        want = want if isinstance(want, tuple) else (want,)
+        for i, (g, w) in enumerate(zip(got, want)):
+            if w.is_floating_point():
+                _assert_close(g, w, 1e-10, f"{what}[{i}]")
+            else:
+                assert torch.equal(g, w), f"{what}[{i}]"
+        return got
+    reference_op = getattr(ref, op.__name__)
+    run32 = reference_op(*(t.cuda() for t in inputs))
+    truth = reference_op(*(t.double() if t.is_floating_point() else t for t in inputs))
+    run32, truth = ((t if isinstance(t, tuple) else (t,)) for t in (run32, truth))
+    for i, (g, r, t) in enumerate(zip(got, run32, truth)):
+        if t.is_floating_point():
+            ok = ~torch.isnan(t)
+            _assert_as_accurate(g[ok], r.cpu()[ok], t[ok], f"{what}[{i}]")
+    return got
+
+
+@pytest.mark.cuda
+@needs_cuda_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [5, 64])
-def test_cuda_kernels_match_the_cpu_kernels(dtype, d):
-    tol = 1e-4 if dtype == torch.float32 else 1e-10
+def test_cuda_kernels_match_the_reference(dtype, d):
+    # Failing factorisations: the info codes say where each fails, on either device.
     failing = _failing_matrices().to(dtype)
-    cpu, gpu = cpp.cholesky_logdet(failing), cpp.cholesky_logdet(failing.cuda())
-    assert torch.equal(gpu[3].cpu(), cpu[3])
-    _assert_close(gpu[2].cpu(), cpu[2], tol, "jitter")
-    A = torch.cat([_spd(33, d, torch.float64, cond=1e3, seed=d), -torch.eye(d)[None].double()])
-    A = A.to(dtype)
-    cpu, gpu = cpp.cholesky_logdet(A), cpp.cholesky_logdet(A.cuda())
-    assert torch.equal(gpu[3].cpu(), cpu[3])
-    _assert_close(gpu[1].cpu(), cpu[1], tol, "logdet")
-    ok = cpu[3] == 0
-    _assert_close(gpu[0].cpu()[ok], cpu[0][ok], tol, "L")
-    _assert_close(
-        cpp.cholesky_inverse(gpu[0][ok]).cpu(), cpp.cholesky_inverse(cpu[0][ok]), tol, "inverse"
+    assert torch.equal(
+        cpp.cholesky_logdet(failing.cuda())[3].cpu(), ref.cholesky_logdet(failing)[3]
     )
-    a, b, steps, bb = _lanczos_coefficients(33, d, d, dtype, seed=d)
-    _assert_close(
-        cpp.lanczos_logquad(a.cuda(), b.cuda(), steps.cuda(), bb.cuda()).cpu(),
-        cpp.lanczos_logquad(a, b, steps, bb),
-        tol,
-        "logquad",
+    A = _spd(33, d, torch.float64, cond=1e3, seed=d).to(dtype)
+    L, _, _, info = _check_on_cuda("cholesky_logdet", cpp.cholesky_logdet, A)
+    assert not bool(info.any())
+    _check_on_cuda("cholesky_inverse", cpp.cholesky_inverse, ref.cholesky_logdet(A)[0])
+    _check_on_cuda(
+        "lanczos_logquad", cpp.lanczos_logquad, *_lanczos_coefficients(33, d, d, dtype, seed=d)
     )
-    A, rhs = _cg_systems(d, dtype)
-    states = [ref.cg_init(rhs, 3), ref.cg_init(rhs.cuda(), 3)]
-    for _ in range(3):
-        for state, M in zip(states, (A, A.cuda())):
-            cpp.cg_update(state, (M @ state.p.unsqueeze(-1)).squeeze(-1), 1e-6)
-    cpu_state, gpu_state = states
-    for name in ("x", "r", "p", "rr", "alphas", "betas", "active", "breakdown", "steps"):
-        got, want = getattr(gpu_state, name).cpu(), getattr(cpu_state, name)
-        if want.is_floating_point():
-            _assert_close(got, want, tol * d, f"cg {name}")
-        else:
-            assert torch.equal(got, want), f"cg {name}"
+    G = torch.randn(2000, d, d, dtype=torch.float64)
+    A = (G @ G.mT / d + 0.5 * torch.eye(d, dtype=torch.float64)).to(dtype)
+    report = cg_agreement(cpp.cg_update, A.cuda(), torch.randn(2000, d, dtype=dtype).cuda())
+    print(f"cpp cg_update on CUDA {dtype} d={d}: {report}")

@@ -17,8 +17,7 @@ import torch
 
 from kernels.cg import cg_update
 from rnf_fast import reference
-
-from .closeness import assert_within_2x
+from rnf_fast.testing import assert_within_2x
 
 
 def _systems(N, d, dtype, generator):

@@ -6,8 +6,7 @@ import torch
 
 from kernels import reference
 from kernels.coupling import coupling_cotangent, coupling_tangent
-
-from .closeness import assert_within_2x
+from rnf_fast.testing import assert_within_2x
 
 # (B, K, m, P): affine (P = 2) with m past one block of 1024 features, P = 1, a spline-like
 # P = 23 (one block of 32), P = 70 (three chunks of 32, the last masked), P = 8 exactly, P = 0.

@@ -5,8 +5,7 @@ import torch
 
 from kernels.gram import gram
 from rnf_fast import reference
-
-from .closeness import assert_within_2x
+from rnf_fast.testing import assert_within_2x
 
 # (B, D, d): masked tiles (d = 5, 17), several tiles per sample (d = 70 in float32, d = 40 in
 # float64), an exact power of two, D below, at and past the chunk of D.

@@ -5,8 +5,7 @@ import torch
 
 from kernels import reference
 from kernels.linear import scaled_linear
-
-from .closeness import assert_within_2x
+from rnf_fast.testing import assert_within_2x
 
 # (B, K, n_in, n_out): masked edges on every axis, several tiles of rows (B·K > 64), of outputs
 # (n_out > 64) and of the reduction (n_in > 32), exact powers of two, a narrow d -> 16 layer.
