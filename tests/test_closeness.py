@@ -56,7 +56,9 @@ def test_cg_agreement_requires_equal_steps_in_float64():
         return reference.cg_update(state, Ap, 10 * tol)
 
     A, b = _systems(256, 8, torch.float64)
-    with pytest.raises(AssertionError, match=r"float64 step counts differ from the reference on \d+ of 256"):
+    with pytest.raises(
+        AssertionError, match=r"float64 step counts differ from the reference on \d+ of 256"
+    ):
         cg_agreement(early_stop, A, b)
 
 
