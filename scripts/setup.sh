@@ -5,6 +5,7 @@
 #   PYTHON=python3.11 bash scripts/setup.sh     # choose the interpreter (default: python3.11,
 #                                               # else python3)
 #   RNF_FAST_NO_EXTENSION=1 bash scripts/setup.sh   # skip the compiled extension
+#   RNF_FAST_REQUIRE_EXTENSION=1 bash scripts/setup.sh   # fail if the extension does not build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +18,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 pip() { .venv/bin/python -m pip "$@"; }
-pip install -q --disable-pip-version-check --upgrade pip "setuptools>=77" wheel
+# ninja: the extension's sources compile in parallel.
+pip install -q --disable-pip-version-check --upgrade pip "setuptools>=77" wheel ninja
 
 # torch first, pinned: an open range would pull a multi-GB CUDA build on machines without a GPU.
 # Without an NVIDIA driver, prefer PyTorch's CPU wheel index when it is reachable.
@@ -42,6 +44,23 @@ if ! .venv/bin/python -c "import triton" >/dev/null 2>&1; then
   pip install -q "triton==3.7.1"
 fi
 
+# Triton 3.6.0, what the GPU machine runs, in a folder of its own: tests/test_triton_compile.py
+# puts it first on PYTHONPATH to check that every kernel also compiles for sm_90 under it.
+if [ ! -d .venv/triton-3.6 ]; then
+  echo "setup: installing triton==3.6.0 into .venv/triton-3.6 (sm_90 compile check)"
+  if ! log=$(pip install -q --no-deps --target .venv/triton-3.6 "triton==3.6.0" 2>&1); then
+    rm -rf .venv/triton-3.6
+    echo "setup: skipped triton 3.6.0, its compile check will skip: $(tail -n 1 <<<"$log")"
+  fi
+fi
+
+# --no-build-isolation: rnf_fast._C compiles against the torch installed above. Without it the
+# package runs its fallback: say so last, where it is not lost among the build's messages.
 echo "setup: installing rnf_fast (editable) with its test, data, MNIST and plot extras"
 pip install -q --no-build-isolation -e ".[test,data,mnist,plots]"
+if [ "${RNF_FAST_NO_EXTENSION:-0}" != 1 ] \
+  && ! .venv/bin/python -c "import rnf_fast._C" >/dev/null 2>&1; then
+  echo "setup: WARNING: rnf_fast._C is not built, rnf_fast runs its PyTorch fallback;" \
+    "see why with: .venv/bin/python -m pip install -v --no-build-isolation -e ." >&2
+fi
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -5,11 +5,15 @@ cubin (Triton ships ptxas). The interpreter accepts what a GPU compile rejects (
 dimension under 16, non-power-of-two blocks), so this check stands beside the interpreted tests.
 It runs in a subprocess without TRITON_INTERPRET (this file executed as a script) and in a
 fresh cache, so nothing is skipped as already compiled.
+
+It runs once per Triton install present: the environment's own, and Triton 3.6.0 (what the GPU
+machine runs) from the folder ``triton-3.6`` of the environment (``.venv/triton-3.6``, put there by
+scripts/setup.sh), first on the subprocess's PYTHONPATH.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -21,6 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ("cuda", 90, 32)  # sm_90 (H100/H200), warp size 32
+TRITON_36 = Path(sys.prefix) / "triton-3.6"
 
 
 def _pointer(dtype) -> str:
@@ -97,10 +102,40 @@ def control_rejected() -> bool:
     return compile_one(kernel, sig, const | {"BLOCK_K": 8}, num_warps) is not None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-def test_every_kernel_configuration_compiles_for_sm90(tmp_path):
+def _installed_triton() -> str | None:
+    """The version of the environment's own Triton, None without one."""
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+ENV_TRITON = _installed_triton()
+TRITON_INSTALLS = [
+    pytest.param(
+        None,
+        ENV_TRITON,
+        id="env",
+        marks=pytest.mark.skipif(ENV_TRITON is None, reason="Triton is not installed"),
+    ),
+    pytest.param(
+        TRITON_36,
+        "3.6.0",
+        id="triton-3.6",
+        marks=pytest.mark.skipif(
+            not TRITON_36.is_dir(),
+            reason=f"no {TRITON_36}: scripts/setup.sh installs triton==3.6.0 there",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("triton_path, version", TRITON_INSTALLS)
+def test_every_kernel_configuration_compiles_for_sm90(tmp_path, triton_path, version):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env |= {"TRITON_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    path = [str(triton_path)] if triton_path is not None else []
+    env |= {"TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    env |= {"PYTHONPATH": os.pathsep.join([*path, str(ROOT)])}
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, __file__, str(out)],
@@ -108,6 +143,7 @@ def test_every_kernel_configuration_compiles_for_sm90(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert result["triton"] == version, f"the check imported Triton {result['triton']}"
     assert result["control_rejected"], "a tl.dot with K = 8 compiled: the check proves nothing"
     assert result["compiled"] >= 25, result
     assert not result["failures"], "\n".join(f"{k}: {v}" for k, v in result["failures"].items())
@@ -121,7 +157,10 @@ if __name__ == "__main__":
         error = compile_one(*config)
         if error is not None:
             failures[label] = error
+    import triton
+
     result = {
+        "triton": triton.__version__,
         "target": list(TARGET),
         "compiled": len(configs) - len(failures),
         "failures": failures,
