@@ -135,10 +135,13 @@ if __name__ == "__main__":  # as pip and `python setup.py` run it; tests import 
         packages=[
             "rnf_fast",
             "rnf_fast.data",
+            "rnf_fast.engine",
             "rnf_fast.evaluation",
             "rnf_fast.flows",
             "rnf_fast.kernels",
+            "rnf_fast.linearize",
             "rnf_fast.models",
+            "rnf_fast.ops",
             "rnf_fast.training",
         ],
         package_dir={"rnf_fast": "rnf_fast", "rnf_fast.kernels": "kernels"},

@@ -152,7 +152,7 @@ build() {
 import shutil, sys
 import torch
 import rnf_fast, rnf_fast.kernels
-from rnf_fast import cpp_backend
+from rnf_fast.ops import cpp as cpp_backend
 print("rnf_fast from", rnf_fast.__file__)
 C = cpp_backend._C
 print("rnf_fast._C:", "missing: " + str(cpp_backend.unavailable_reason()) if C is None

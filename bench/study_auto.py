@@ -33,7 +33,7 @@ from scipy.optimize import nnls
 
 from rnf_fast import logdet_grad
 from rnf_fast.benchmarks import make_problem
-from rnf_fast.logdet import AUTO_COST_MODEL, choose_method
+from rnf_fast.engine.api import AUTO_COST_MODEL, choose_method
 
 DS = [4, 8, 16, 32, 64, 128, 256]
 ROUNDS = 5

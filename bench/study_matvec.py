@@ -22,7 +22,7 @@ import torch
 from rnf_fast import linearize
 from rnf_fast.baselines import dense_jacobian
 from rnf_fast.benchmarks import machine_info, make_problem
-from rnf_fast.linop import FuncLinearization
+from rnf_fast.linearize.base import FuncLinearization
 from rnf_fast.testing import rel_error
 
 PROBLEMS = ("mlp-16-784", "mlp-64-784", "flow-miniboone", "flow-power")

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 import rnf_fast
-from rnf_fast import cpp_backend, reference
 from rnf_fast.benchmarks import make_problem
+from rnf_fast.ops import cpp as cpp_backend
+from rnf_fast.ops import reference
 from rnf_fast.testing import rel_error
 
 pytestmark = pytest.mark.skipif(

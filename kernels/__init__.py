@@ -3,7 +3,7 @@
 Each kernel module (``linear``, ``coupling``, ``gram``, ``cg``) holds the Triton kernel and its
 launcher, and imports Triton; this package imports them only when a kernel runs, so
 ``import rnf_fast.kernels`` works without Triton. The plain-PyTorch reference of each kernel
-has the same name (:mod:`rnf_fast.kernels.reference`, and :mod:`rnf_fast.reference` for
+has the same name (:mod:`rnf_fast.kernels.reference`, and :mod:`rnf_fast.ops.reference` for
 ``gram`` and ``cg_update``).
 
 The functions below are what the linearizations call: the Triton kernel for float32 CUDA

@@ -1,5 +1,5 @@
 """One fused conjugate-gradient step for many small systems: ``cg_update`` (the reference, and
-the spec of its semantics, is :func:`rnf_fast.reference.cg_update`).
+the spec of its semantics, is :func:`rnf_fast.ops.reference.cg_update`).
 
 One launch per iteration, no host synchronisation: each program advances BLOCK_N systems, in
 three sweeps over d (pᵀAp; x, r and rᵀr; the new direction p), with the per-system stop, the
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rnf_fast.reference import CGState
+from rnf_fast.ops.reference import CGState
 
 __all__ = ["BLOCK_D_CHOICES", "BLOCK_ELEMENTS", "DTYPES", "cg_update"]
 
@@ -139,12 +139,12 @@ def _check(state: CGState, Ap: Tensor) -> None:
 def cg_update(state: CGState, Ap: Tensor, tol: float) -> Tensor:
     """Advance every active system by one CG step, given A p; update ``state`` in place.
 
-    Same semantics as :func:`rnf_fast.reference.cg_update`: per-system stop on
+    Same semantics as :func:`rnf_fast.ops.reference.cg_update`: per-system stop on
     ‖r‖ <= tol · ‖b‖, breakdown on pᵀAp <= 0 (or NaN), inactive systems frozen, column
     ``state.it`` of ``state.alphas`` / ``state.betas`` written, ``state.it`` advanced.
 
     Arguments:
-        state: the :class:`~rnf_fast.reference.CGState` to advance (contiguous tensors,
+        state: the :class:`~rnf_fast.ops.reference.CGState` to advance (contiguous tensors,
             float32 or float64).
         Ap: (N, d) the operator applied to ``state.p`` (cast to the state's dtype).
         tol: relative residual tolerance.

@@ -1,4 +1,4 @@
-"""Batched Gram matrices A = JᵀJ: ``gram`` (the reference is :func:`rnf_fast.reference.gram`).
+"""Batched Gram matrices A = JᵀJ: ``gram`` (the reference is :func:`rnf_fast.ops.reference.gram`).
 
 One program computes a (BLOCK_I × BLOCK_I) tile of one sample's A, walking D in chunks.
 float32 uses ``tl.dot`` in IEEE precision; float64 (the engine's default linear-algebra dtype)

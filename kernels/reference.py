@@ -1,7 +1,7 @@
 """Plain-PyTorch references of the kernels of :mod:`rnf_fast.kernels`, one per kernel, same
 name and signature: the spec of each kernel and its fallback off the GPU.
 
-``gram`` and ``cg_update`` are engine ops; their references are in :mod:`rnf_fast.reference`.
+``gram`` and ``cg_update`` are engine ops; their references are in :mod:`rnf_fast.ops.reference`.
 """
 
 from __future__ import annotations

@@ -5,16 +5,10 @@ log det(JᵀJ) per sample and its gradient is that of log det(JᵀJ), exact (for
 Cholesky) or stochastic (Hutchinson probes and conjugate gradients).
 """
 
-from .backends import available_backends, backend_report, use_backend
-from .linop import FuncLinearization, Linearization, linearize
-from .logdet import (
-    LogdetInfo,
-    SingularJacobianError,
-    choose_method,
-    logdet,
-    logdet_grad,
-)
-from .probes import make_probes
+from .engine.api import LogdetInfo, SingularJacobianError, choose_method, logdet, logdet_grad
+from .engine.probes import make_probes
+from .linearize.base import FuncLinearization, Linearization, linearize
+from .ops.dispatch import available_backends, backend_report, use_backend
 
 
 def __getattr__(name: str):

@@ -34,7 +34,6 @@ import torch
 from torch import Tensor, nn
 
 from . import logdet_grad
-from .backends import available_backends
 from .baselines import (
     dense_jacobian,
     logdet_fif,
@@ -42,6 +41,7 @@ from .baselines import (
     logdet_jacrev,
     logdet_official_cg,
 )
+from .ops.dispatch import available_backends
 from .testing import grads, mlp_decoder, rel_error
 
 __all__ = [
@@ -471,7 +471,7 @@ def machine_info() -> dict[str, object]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    from .cpp_backend import unavailable_reason
+    from .ops.cpp import unavailable_reason
 
     return {
         "cpu": cpu,

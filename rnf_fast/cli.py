@@ -21,7 +21,8 @@ __all__ = ["main"]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import __version__, backend_report, benchmarks, cpp_backend, kernels
+    from . import __version__, backend_report, benchmarks, kernels
+    from .ops import cpp as cpp_backend
 
     print(f"rnf_fast {__version__}")
     for key, value in benchmarks.machine_info().items():

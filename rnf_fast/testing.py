@@ -198,7 +198,7 @@ def cg_agreement(
     Raises:
         AssertionError: when the rule is broken; ValueError: float32 below CG_FLOAT32_TOL.
     """
-    from . import reference
+    from .ops import reference
 
     f64 = A.dtype == torch.float64
     tol = (1e-6 if f64 else CG_FLOAT32_TOL) if tol is None else tol

@@ -30,7 +30,7 @@ def test_unknown_backend_in_context_manager():
 
 
 def test_auto_rule_follows_the_measured_costs():
-    from rnf_fast.logdet import AUTO_EXACT_OVER_CG1
+    from rnf_fast.engine.api import AUTO_EXACT_OVER_CG1
 
     for path, table in AUTO_EXACT_OVER_CG1.items():
         for d, ratio in table:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rnf_fast.cg import batched_cg
+from rnf_fast.engine.cg import batched_cg
 from rnf_fast.testing import rel_error
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rnf_fast import cpp_backend, reference
+from rnf_fast.ops import cpp as cpp_backend
+from rnf_fast.ops import reference
 from rnf_fast.testing import CG_FLOAT32_TOL, assert_within_2x, cg_agreement
 
 

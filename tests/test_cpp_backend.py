@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import rnf_fast
-from rnf_fast import cpp_backend as cpp
-from rnf_fast import reference as ref
+from rnf_fast.ops import cpp
+from rnf_fast.ops import reference as ref
 from rnf_fast.testing import cg_agreement, grads, mlp_decoder, rel_error
 
 needs_ext = pytest.mark.skipif(cpp._C is None, reason=cpp.unavailable_reason() or "")

@@ -6,7 +6,7 @@ from torch import nn
 
 import rnf_fast
 from rnf_fast.baselines import dense_jacobian, dense_logdet
-from rnf_fast.explicit import supports_sequential
+from rnf_fast.linearize.modules import supports_sequential
 from rnf_fast.testing import grads, rel_error
 
 ACTIVATIONS = [

@@ -24,7 +24,11 @@ from rnf_fast.kernels import reference as kernel_reference
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import rnf_fast
-from rnf_fast import backends, cli, cpp_backend, kernels, reference, triton_backend
+from rnf_fast import cli, kernels
+from rnf_fast.ops import cpp as cpp_backend
+from rnf_fast.ops import dispatch as backends
+from rnf_fast.ops import reference
+from rnf_fast.ops import triton as triton_backend
 from rnf_fast.testing import mlp_decoder
 
 

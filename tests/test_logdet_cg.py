@@ -142,7 +142,7 @@ def test_non_vmappable_decoder_through_cg():
 
 
 def test_auto_cost_model_reproduces_the_measured_k1_decisions_and_uses_matvecs():
-    from rnf_fast.logdet import AUTO_EXACT_OVER_CG1, predicted_costs
+    from rnf_fast.engine.api import AUTO_EXACT_OVER_CG1, predicted_costs
 
     # Every measured decision with a margin over 15% is reproduced (near-ties may go either
     # way: the timings themselves move by a few percent between runs).

@@ -17,7 +17,9 @@ import torch
 from rnf_fast.kernels import reference as kernel_reference
 
 import rnf_fast
-from rnf_fast import kernels, reference, triton_backend
+from rnf_fast import kernels
+from rnf_fast.ops import reference
+from rnf_fast.ops import triton as triton_backend
 from rnf_fast.testing import assert_within_2x, cg_agreement, mlp_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +154,7 @@ def test_triton_backend_is_registered_for_cuda_only(monkeypatch):
     assert rnf_fast.available_backends("cuda")[0] == "triton"
     assert "triton" not in rnf_fast.available_backends("cpu")
     with pytest.raises(ValueError, match="does not serve device 'cpu'"):
-        rnf_fast.backends.get_backend("triton", torch.device("cpu"))
+        rnf_fast.ops.dispatch.get_backend("triton", torch.device("cpu"))
 
 
 def _clone(state):

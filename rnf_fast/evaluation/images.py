@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from rnf_fast.engine.api import logdet
 from rnf_fast.evaluation.metrics import frechet_distance, ood_auroc
 from rnf_fast.flows.base import Compose, Inverse
-from rnf_fast.flows.linearized import PaddedFlowLinearization
 from rnf_fast.flows.preprocess import Logit
-from rnf_fast.logdet import logdet
+from rnf_fast.linearize.flows import PaddedFlowLinearization
 
 __all__ = [
     "CLASSIFIER_DEFAULTS",

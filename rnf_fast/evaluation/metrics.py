@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rnf_fast.linop import linearize
+from rnf_fast.linearize.base import linearize
 
 __all__ = [
     "auroc",

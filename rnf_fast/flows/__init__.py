@@ -28,13 +28,6 @@ from .image import (
     Unflatten,
 )
 from .linear import LULinear, Permutation, Reverse
-from .linearized import (
-    PaddedFlowLinearization,
-    coupling_cotangent,
-    coupling_tangent,
-    linearize_flow,
-    linearize_module,
-)
 from .norm import ActNorm
 from .spline import RationalQuadraticCoupling, rational_quadratic_spline
 
@@ -52,17 +45,12 @@ __all__ = [
     "Inverse",
     "LULinear",
     "MultiScale",
-    "PaddedFlowLinearization",
     "Permutation",
     "RationalQuadraticCoupling",
     "Reverse",
     "Squeeze",
     "Unflatten",
-    "coupling_cotangent",
-    "coupling_tangent",
     "flat_flow",
     "image_flow",
-    "linearize_flow",
-    "linearize_module",
     "rational_quadratic_spline",
 ]

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..engine.api import Method, logdet
 from ..flows import ActNorm, Permutation
-from ..flows.linearized import PaddedFlowLinearization
-from ..logdet import Method, logdet
+from ..linearize.flows import PaddedFlowLinearization
 from .builders import build_f, build_h
 from .config import FlowConfig
 from .serialization import atomic_save, load_payload, load_state
@@ -63,7 +63,7 @@ class RectangularDecoder(nn.Module):
     Calling it is ``model.decode``; :meth:`linearize` is what :func:`rnf_fast.logdet_grad` uses
     (through :func:`rnf_fast.linearize`): one pass of the decoder caching every layer's Jacobian
     factors, then J v and Jᵀ w without primal recomputation (see
-    :mod:`rnf_fast.flows.linearized`). Its parameters are the model's.
+    :mod:`rnf_fast.linearize.flows`). Its parameters are the model's.
 
     Arguments:
         model: the :class:`RectangularFlow` whose decoder this is.

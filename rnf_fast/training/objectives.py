@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..logdet import DEFAULT_CG_TOL, Method, logdet_grad
+from ..engine.api import DEFAULT_CG_TOL, Method, logdet_grad
 from ..models import RectangularFlow
 
 __all__ = ["OBJECTIVES", "TS_PHASES", "Objective", "ml_loss", "ts_loss"]

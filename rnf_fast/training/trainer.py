@@ -29,10 +29,10 @@ from torch import Tensor
 from torch.optim import Adam, Optimizer
 from tqdm.auto import tqdm
 
-from ..logdet import DEFAULT_CG_TOL
+from ..engine.api import DEFAULT_CG_TOL
+from ..engine.probes import PROBE_KINDS
 from ..models import RectangularFlow, load_payload, load_state
 from ..models.rectangular import MODEL_FORMAT, MODEL_VERSION
-from ..probes import PROBE_KINDS
 from . import distributed
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .objectives import OBJECTIVES, Objective

@@ -34,14 +34,14 @@ from rnf_fast.flows import (
     flat_flow,
     image_flow,
 )
-from rnf_fast.flows.linearized import (
+from rnf_fast.flows.preprocess import Logit
+from rnf_fast.linearize.flows import (
     coupling_cotangent,
     coupling_tangent,
     func_fallbacks,
     linearize_flow,
     linearize_module,
 )
-from rnf_fast.flows.preprocess import Logit
 from rnf_fast.testing import NonVmappableDecoder
 
 DTYPE = torch.float64

@@ -1,4 +1,4 @@
-"""cg_update (Triton, interpreted) against rnf_fast.reference.cg_update and an
+"""cg_update (Triton, interpreted) against rnf_fast.ops.reference.cg_update and an
 extended-precision truth.
 
 Each check starts from one CG state and takes one step with the kernel and with PyTorch at the
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kernels.cg import cg_update
-from rnf_fast import reference
+from rnf_fast.ops import reference
 from rnf_fast.testing import assert_within_2x
 
 

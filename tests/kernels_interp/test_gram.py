@@ -1,10 +1,10 @@
-"""gram (Triton, interpreted) against rnf_fast.reference.gram and an exact or float64 truth."""
+"""gram (Triton, interpreted) against rnf_fast.ops.reference.gram and an exact or float64 truth."""
 
 import pytest
 import torch
 
 from kernels.gram import gram
-from rnf_fast import reference
+from rnf_fast.ops import reference
 from rnf_fast.testing import assert_within_2x
 
 # (B, D, d): masked tiles (d = 5, 17), several tiles per sample (d = 70 in float32, d = 40 in

@@ -1,6 +1,6 @@
 """Backend registry: which implementation of the engine's small ops runs for a tensor.
 
-A backend is a module exposing the ops of :mod:`rnf_fast.reference` with the same signatures.
+A backend is a module exposing the ops of :mod:`rnf_fast.ops.reference` with the same signatures.
 ``"torch"`` (that module) is always available and is the fallback on every device. Compiled
 backends register here with the devices they serve and a priority; the default choice for a
 tensor is the available backend of highest priority for its device.
@@ -21,7 +21,7 @@ by name is an error) or disabled (Triton switched itself off after a compile or 
 failure in this process: ``"auto"`` skips it, but asking by name still works, its ops running
 the reference). :func:`backend_report` gives the reason of either. The ``"cpp"`` backend runs
 the reference on CUDA tensors where the extension has no CUDA kernels or
-``RNF_FAST_NO_CUDA_EXT=1`` switches them off (:func:`rnf_fast.cpp_backend.cuda_unavailable_reason`).
+``RNF_FAST_NO_CUDA_EXT=1`` switches them off (:func:`rnf_fast.ops.cpp.cuda_unavailable_reason`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from types import ModuleType
 
 import torch
 
-from .kernels import allow_triton
+from ..kernels import allow_triton
 
 __all__ = ["available_backends", "backend_report", "get_backend", "use_backend"]
 
@@ -56,32 +56,32 @@ def _always() -> str | None:
 
 
 def _cpp_probe() -> str | None:
-    from .cpp_backend import unavailable_reason
+    from .cpp import unavailable_reason
 
     return unavailable_reason()
 
 
 def _triton_probe() -> str | None:
-    from .triton_backend import unavailable_reason
+    from .triton import unavailable_reason
 
     return unavailable_reason()
 
 
 def _triton_disabled() -> str | None:
-    from .triton_backend import disabled_reason
+    from .triton import disabled_reason
 
     return disabled_reason()
 
 
 _REGISTRY: dict[str, _Entry] = {
-    "torch": _Entry("torch", "rnf_fast.reference", ("cpu", "cuda", "mps", "xpu"), 0, _always),
+    "torch": _Entry("torch", "rnf_fast.ops.reference", ("cpu", "cuda", "mps", "xpu"), 0, _always),
     # csrc/ compiled as rnf_fast._C; on CUDA tensors it runs the reference unless _C was built
     # with CUDA (rnf_fast._C.WITH_CUDA).
-    "cpp": _Entry("cpp", "rnf_fast.cpp_backend", ("cpu", "cuda"), 10, _cpp_probe),
+    "cpp": _Entry("cpp", "rnf_fast.ops.cpp", ("cpu", "cuda"), 10, _cpp_probe),
     # Triton kernels (rnf_fast.kernels) for gram and cg_update, the "cpp" ops for the rest;
     # CUDA only (never CPU tensors, even where TRITON_INTERPRET=1 would run them).
     "triton": _Entry(
-        "triton", "rnf_fast.triton_backend", ("cuda",), 20, _triton_probe, _triton_disabled
+        "triton", "rnf_fast.ops.triton", ("cuda",), 20, _triton_probe, _triton_disabled
     ),
 }
 _local = threading.local()
@@ -129,7 +129,7 @@ def backend_report() -> list[tuple[str, bool, str]]:
         whether ``"auto"`` may pick it; ``detail`` is the reason it is not (e.g. ``"disabled
         by RNF_FAST_NO_TRITON=1"``, a recorded Triton failure), else the devices it serves.
         Whether the ``"cpp"`` ops reach CUDA kernels is
-        :func:`rnf_fast.cpp_backend.cuda_unavailable_reason`.
+        :func:`rnf_fast.ops.cpp.cuda_unavailable_reason`.
     """
     rows = []
     for e in _REGISTRY.values():

@@ -1,9 +1,9 @@
 """The ``"triton"`` backend: the Triton kernels of :mod:`rnf_fast.kernels` on CUDA tensors.
 
-The same op names, signatures and semantics as :mod:`rnf_fast.reference` (the spec). ``gram``
+The same op names, signatures and semantics as :mod:`rnf_fast.ops.reference` (the spec). ``gram``
 and ``cg_update`` run Triton kernels (float32 and float64, one launch each, no host
 synchronisation); the per-system sequential ops (``cholesky_logdet``, ``cholesky_inverse``,
-``lanczos_logquad``) are those of :mod:`rnf_fast.cpp_backend`, which runs the compiled CUDA
+``lanczos_logquad``) are those of :mod:`rnf_fast.ops.cpp`, which runs the compiled CUDA
 kernels where ``rnf_fast._C`` was built with CUDA and the reference otherwise. Each op falls
 back to the reference where the kernels do not reach: tensors off CUDA, other dtypes, or a
 CG state with non-contiguous tensors.
@@ -23,15 +23,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import reference
-from .cpp_backend import cholesky_inverse, cholesky_logdet, lanczos_logquad
-from .kernels import (
+from ..kernels import (
     run_triton,
     triton_available,
     triton_disabled_reason,
     triton_failure,
     triton_unavailable_reason,
 )
+from . import reference
+from .cpp import cholesky_inverse, cholesky_logdet, lanczos_logquad
 from .reference import JITTER_STEPS, CGState, cg_init, lanczos_tridiagonal
 
 __all__ = [
@@ -94,7 +94,7 @@ def gram(J: Tensor) -> Tensor:
 def cg_update(state: CGState, Ap: Tensor, tol: float) -> Tensor:
     """Advance every active system by one CG step, given A p; update ``state`` in place.
 
-    Same semantics as :func:`rnf_fast.reference.cg_update`, in one fused Triton launch on CUDA.
+    Same semantics as :func:`rnf_fast.ops.reference.cg_update`, in one fused Triton launch on CUDA.
 
     Arguments:
         state: the :class:`CGState` to advance (from :func:`cg_init`).

@@ -2,7 +2,7 @@
 
 Every op here has one name that later backends (Triton kernels in ``rnf_fast.kernels``, the
 compiled extension ``rnf_fast._C``) implement with the same signature and semantics; the
-backend registry in :mod:`rnf_fast.backends` picks one per call. This module always imports.
+backend registry in :mod:`rnf_fast.ops.dispatch` picks one per call. This module always imports.
 
 Ops:
     gram(J)                         A = JᵀJ per sample.

@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .backends import get_backend
+from ..ops.dispatch import get_backend
 
 __all__ = ["CGResult", "batched_cg"]
 
@@ -95,7 +95,7 @@ def batched_cg(
         tol: per-system relative residual tolerance, ‖r_i‖ <= tol · ‖b_i‖.
         max_iter: iteration cap (the warm start's product is not counted).
         fixed_iterations: always run max_iter iterations (no host synchronisation).
-        backend: backend of the fused update (see :mod:`rnf_fast.backends`).
+        backend: backend of the fused update (see :mod:`rnf_fast.ops.dispatch`).
         on_step: called after each update with the (N,) step sizes α, so a caller can track a
             linear image of x (x_{j+1} = x_j + α_j p_j) alongside. With ``x0`` it is first
             called with α = 1 right after ``matvec(x0)``: the step from 0 to x0 along p = x0.

@@ -1,6 +1,6 @@
 """The ``"cpp"`` backend: the engine's per-system ops compiled in ``rnf_fast._C`` (``csrc/``).
 
-The same op names, signatures and semantics as :mod:`rnf_fast.reference` (the spec), run by
+The same op names, signatures and semantics as :mod:`rnf_fast.ops.reference` (the spec), run by
 C++ kernels on CPU (threads over systems) and CUDA kernels when the extension was built with
 CUDA. Each call falls back to the reference where the kernels do not reach: no extension,
 dtypes other than float32/float64, mixed dtypes or devices, other devices, d (Cholesky) or M
@@ -28,16 +28,10 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .reference import (
-    JITTER_STEPS,
-    CGState,
-    cg_init,
-    gram,
-    lanczos_tridiagonal,
-)
+from .reference import JITTER_STEPS, CGState, cg_init, gram, lanczos_tridiagonal
 
 try:
-    from . import _C
+    from .. import _C
 except ImportError as exc:
     _C = None
     _IMPORT_ERROR: str | None = str(exc)
@@ -116,7 +110,7 @@ def _square_batch(M: Tensor) -> bool:
 def cg_update(state: CGState, Ap: Tensor, tol: float) -> Tensor:
     """Advance every active system by one CG step, given A p; update ``state`` in place.
 
-    Same semantics as :func:`rnf_fast.reference.cg_update`, in one fused kernel: per-system
+    Same semantics as :func:`rnf_fast.ops.reference.cg_update`, in one fused kernel: per-system
     stop on ‖r‖ <= tol · ‖b‖, breakdown on pᵀAp <= 0 (or NaN), inactive systems frozen, column
     ``state.it`` of ``state.alphas`` / ``state.betas`` written. Unlike the reference, the
     state's tensors are updated in place rather than replaced.
@@ -154,7 +148,7 @@ def cg_update(state: CGState, Ap: Tensor, tol: float) -> Tensor:
 def lanczos_logquad(alphas: Tensor, betas: Tensor, steps: Tensor, bb: Tensor) -> Tensor:
     """Stochastic Lanczos quadrature of bᵀ log(A) b from the coefficients of zero-start CG on b.
 
-    Same semantics as :func:`rnf_fast.reference.lanczos_logquad`; the M×M eigen-solve is an
+    Same semantics as :func:`rnf_fast.ops.reference.lanczos_logquad`; the M×M eigen-solve is an
     implicit QL on the first ``steps`` rows only, tracking the first eigenvector components.
 
     Arguments:
@@ -178,7 +172,7 @@ def cholesky_logdet(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Cholesky factor and log det of many small SPD matrices, with bounded jitter.
 
-    Same semantics as :func:`rnf_fast.reference.cholesky_logdet` (the lower triangle of A is
+    Same semantics as :func:`rnf_fast.ops.reference.cholesky_logdet` (the lower triangle of A is
     read; failed systems retry with ``s · eps · |tr A| / d`` added to the diagonal for each
     ``s`` of ``jitter_steps``). Where ``info > 0`` the factor is partial and not meaningful.
 

@@ -21,7 +21,7 @@ from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
 from torch.func import vmap
 
-from .explicit import SequentialLinearization, supports_sequential
+from .modules import SequentialLinearization, supports_sequential
 
 __all__ = ["FuncLinearization", "Linearization", "linearize"]
 
@@ -156,7 +156,7 @@ def linearize(
     In order: a decoder that knows its own Jacobian structure may provide
     ``decoder.linearize(z)`` returning a :class:`Linearization`; a plain ``nn.Sequential`` MLP
     (Linear layers and common activations) gets the explicit linearization of
-    :mod:`rnf_fast.explicit` when ``batching="auto"``; anything else, or an explicit
+    :mod:`rnf_fast.linearize.modules` when ``batching="auto"``; anything else, or an explicit
     ``batching="vmap"`` / ``"repeat"``, takes the generic ``torch.func`` path
     (:class:`FuncLinearization`), which serves any differentiable decoder.
 

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .backends import get_backend
+from ..kernels import allow_triton
+from ..linearize.base import Batching, Linearization, linearize
+from ..ops.dispatch import get_backend
 from .cg import batched_cg
-from .kernels import allow_triton
-from .linop import Batching, Linearization, linearize
 from .precondition import build_preconditioner, check_preconditioner
 from .probes import PROBE_KINDS, ProbeKind, make_probes
 
@@ -428,7 +428,7 @@ def _cg(
 
     The probes V are ε (E[εεᵀ] = I); CG solves Ã y = ε, Ã = L⁻¹ A L⁻ᵀ (Ã = A without a
     preconditioner), u = L⁻ᵀ y = A⁻¹ L ε, w = L⁻ᵀ ε, and S = (2/K) Σ ⟨stopgrad(J u), J w⟩
-    (see :mod:`rnf_fast.precondition`). The value is log det M + mean_k SLQ(Ã, ε_k) from a
+    (see :mod:`rnf_fast.engine.precondition`). The value is log det M + mean_k SLQ(Ã, ε_k) from a
     zero start; a warm start (y0 = Lᵀ x0) leaves it unavailable (NaN).
     """
     B, d = z.shape
@@ -564,7 +564,7 @@ def logdet_grad(
         probes: K, the number of probes per sample for CG, or a (B, K, d) tensor of probes
             with E[v vᵀ] = I (deterministic results).
         probe_kind: ``"rademacher"`` (default), ``"gaussian"`` or ``"orthogonal"`` (see
-            :func:`rnf_fast.probes.make_probes`). Relative gradient variance
+            :func:`rnf_fast.engine.probes.make_probes`). Relative gradient variance
             E‖g - g_exact‖²/‖g_exact‖² on a trained digits flow (d = 10,
             ``bench/results/probes.md``), K = 1 / 4 / 8: Rademacher 0.38 / 0.093 / 0.047,
             Gaussian 0.53 / 0.13 / 0.065, orthogonal 0.42 / 0.070 / 0.012. Rademacher is the
@@ -599,7 +599,7 @@ def logdet_grad(
             tensor M: (d, d) or (B, d, d) symmetric positive definite, (d,) or (B, d) a
             positive diagonal. CG then solves L⁻¹ A L⁻ᵀ y = ε (M = L Lᵀ, no gradient through
             M); the gradient stays unbiased and the value is log det M + the quadrature of
-            L⁻¹ A L⁻ᵀ, still a correct estimate (:mod:`rnf_fast.precondition`). It pays when
+            L⁻¹ A L⁻ᵀ, still a correct estimate (:mod:`rnf_fast.engine.precondition`). It pays when
             its cost is below the matvecs it saves (``bench/results/precond.md``).
         x0: CG only, like ``preconditioner``: (B, K, d) initial guess of u_k = A⁻¹ v_k
             (v_k = L ε_k with a preconditioner), for instance ``LogdetInfo.solution`` of an

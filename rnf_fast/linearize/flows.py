@@ -31,11 +31,9 @@ from torch.func import jvp as _func_jvp
 from torch.func import vjp as _func_vjp
 from torch.func import vmap
 
-from ..explicit import _derivative
-from ..kernels import coupling_cotangent, coupling_tangent, scaled_linear
-from .base import Compose, Flow, Inverse
-from .coupling import MLP, AffineCoupling, Coupling
-from .image import (
+from ..flows.base import Compose, Flow, Inverse
+from ..flows.coupling import MLP, AffineCoupling, Coupling
+from ..flows.image import (
     ChannelAffineCoupling,
     CheckerboardAffineCoupling,
     ConvResNet,
@@ -44,10 +42,12 @@ from .image import (
     Squeeze,
     Unflatten,
 )
-from .linear import LULinear, Permutation, Reverse
-from .norm import ActNorm
-from .preprocess import Logit
-from .spline import RationalQuadraticCoupling
+from ..flows.linear import LULinear, Permutation, Reverse
+from ..flows.norm import ActNorm
+from ..flows.preprocess import Logit
+from ..flows.spline import RationalQuadraticCoupling
+from ..kernels import coupling_cotangent, coupling_tangent, scaled_linear
+from .modules import _derivative
 
 __all__ = [
     "FLOW_RULES",
@@ -233,9 +233,9 @@ def linearize_module(module: nn.Module, x: Tensor) -> tuple[Tensor, LayerLineari
     """Run a network module once at x and linearize it.
 
     Explicit rules: ``nn.Linear``, ``nn.Conv2d`` (zero padding), ``nn.GroupNorm``,
-    ``nn.Identity``, the elementwise activations of :mod:`rnf_fast.explicit`, ``nn.Sequential``,
-    :class:`~rnf_fast.flows.MLP` and :class:`~rnf_fast.flows.ConvResNet`; anything else (or a
-    module with hooks) goes through ``torch.func``.
+    ``nn.Identity``, the elementwise activations of :mod:`rnf_fast.linearize.modules`,
+    ``nn.Sequential``, :class:`~rnf_fast.flows.MLP` and :class:`~rnf_fast.flows.ConvResNet`;
+    anything else (or a module with hooks) goes through ``torch.func``.
 
     Arguments:
         module: maps (B, *in) to (B, *out), rows independent.

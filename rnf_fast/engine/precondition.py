@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linop import Batching, Linearization, linearize
+from ..linearize.base import Batching, Linearization, linearize
 
 __all__ = [
     "BATCH_PRECONDITIONER_ROWS",

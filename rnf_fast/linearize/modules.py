@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .kernels import scaled_linear
+from ..kernels import scaled_linear
 
 __all__ = ["SequentialLinearization", "supports_sequential"]
 
