@@ -76,13 +76,13 @@ from torch import Tensor
 
 import rnf_fast
 from rnf_fast import benchmarks, kernels
-from rnf_fast.baselines import dense_jacobian, logdet_fif, logdet_official_cg
+from rnf_fast.baselines import logdet_fif, logdet_official_cg
 from rnf_fast.engine.api import DEFAULT_CG_TOL
 from rnf_fast.engine.probes import make_probes
 from rnf_fast.ops import cpp as cpp_backend
 from rnf_fast.ops import reference
 from rnf_fast.ops.dispatch import available_backends, get_backend
-from rnf_fast.testing import grads, rel_error
+from rnf_fast.testing import dense_jacobian, grads, rel_error
 
 SECTIONS = ("ceilings", "kernels", "logdet")
 

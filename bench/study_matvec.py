@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 from rnf_fast import linearize
-from rnf_fast.baselines import dense_jacobian
 from rnf_fast.benchmarks import machine_info, make_problem
 from rnf_fast.linearize.base import FuncLinearization
-from rnf_fast.testing import rel_error
+from rnf_fast.testing import dense_jacobian, rel_error
 
 PROBLEMS = ("mlp-16-784", "mlp-64-784", "flow-miniboone", "flow-power")
 RESULTS = Path(__file__).parent / "results"

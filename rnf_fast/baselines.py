@@ -1,4 +1,5 @@
-"""The alternatives rnf_fast is measured against, and the dense truth tests compare with.
+"""The alternatives rnf_fast is measured against (the dense float64 truth is in
+:mod:`rnf_fast.testing`).
 
 - :func:`logdet_jacrev`: what a user of plain reverse-mode autodiff writes:
   ``vmap(jacrev)`` for J (D backward passes), ``slogdet(JᵀJ)``, backward through all of it.
@@ -11,11 +12,9 @@
 - :func:`logdet_fif`: the free-form injective flow surrogate (Sorrenson et al., ICLR 2024): an
   encoder stands in for the decoder's pseudo-inverse; one decoder JVP and one encoder VJP per
   probe, no CG. Biased unless the encoder's Jacobian is the pseudo-inverse of the decoder's.
-- :func:`dense_logdet`: the float64 truth (one forward-mode column at a time, ``slogdet``).
-
-:func:`logdet_jacrev`, :func:`logdet_jacfwd` and :func:`dense_logdet` return log det(JᵀJ) per
-sample, differentiable end to end. The two stochastic baselines compute no value: they return
-zeros that carry the gradient estimate (``S - S.detach()``).
+:func:`logdet_jacrev` and :func:`logdet_jacfwd` return log det(JᵀJ) per sample,
+differentiable end to end. The two stochastic baselines compute no value: they return zeros
+that carry the gradient estimate (``S - S.detach()``).
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, jacrev, vmap
 
+from .testing import slogdet_gram
+
 __all__ = [
-    "dense_jacobian",
-    "dense_logdet",
     "logdet_fif",
     "logdet_jacfwd",
     "logdet_jacrev",
@@ -38,10 +37,6 @@ __all__ = [
 
 def _per_row(decoder: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     return lambda zi: decoder(zi.unsqueeze(0)).squeeze(0)
-
-
-def _slogdet_gram(J: Tensor) -> Tensor:
-    return torch.linalg.slogdet(J.transpose(-1, -2) @ J)[1]
 
 
 def logdet_jacrev(decoder: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
@@ -54,7 +49,7 @@ def logdet_jacrev(decoder: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
     Returns:
         (B,) differentiable log dets.
     """
-    return _slogdet_gram(vmap(jacrev(_per_row(decoder)))(z))
+    return slogdet_gram(vmap(jacrev(_per_row(decoder)))(z))
 
 
 def logdet_jacfwd(decoder: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
@@ -67,32 +62,7 @@ def logdet_jacfwd(decoder: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
     Returns:
         (B,) differentiable log dets.
     """
-    return _slogdet_gram(vmap(jacfwd(_per_row(decoder)))(z))
-
-
-def dense_jacobian(decoder: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
-    """J per sample, (B, D, d), by forward mode one column at a time for the whole batch
-    (rows are independent); no vmap, so it serves any differentiable decoder."""
-    cols = []
-    for j in range(z.shape[1]):
-        e = torch.zeros_like(z)
-        e[:, j] = 1
-        cols.append(torch.func.jvp(decoder, (z,), (e,))[1])
-    return torch.stack(cols, dim=-1)
-
-
-def dense_logdet(decoder: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
-    """The dense truth: log det(JᵀJ) per sample from the full Jacobian, in z's dtype
-    (call it with float64 decoder and z for the reference value); differentiable.
-
-    Arguments:
-        decoder: callable mapping (B, d) to (B, D).
-        z: (B, d).
-
-    Returns:
-        (B,) log dets.
-    """
-    return _slogdet_gram(dense_jacobian(decoder, z))
+    return slogdet_gram(vmap(jacfwd(_per_row(decoder)))(z))
 
 
 def _probe_matrix(probes: int | Tensor, z: Tensor, generator: torch.Generator | None) -> Tensor:

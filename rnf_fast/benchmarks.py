@@ -35,14 +35,13 @@ from torch import Tensor, nn
 
 from . import logdet_grad
 from .baselines import (
-    dense_jacobian,
     logdet_fif,
     logdet_jacfwd,
     logdet_jacrev,
     logdet_official_cg,
 )
 from .ops.dispatch import available_backends
-from .testing import grads, mlp_decoder, rel_error
+from .testing import dense_jacobian, grads, mlp_decoder, rel_error
 
 __all__ = [
     "CONTENDERS",

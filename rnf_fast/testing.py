@@ -14,9 +14,12 @@ __all__ = [
     "SinSoftplusDecoder",
     "assert_within_2x",
     "cg_agreement",
+    "dense_jacobian",
+    "dense_logdet",
     "grads",
     "mlp_decoder",
     "rel_error",
+    "slogdet_gram",
 ]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "gelu": nn.GELU}
@@ -105,6 +108,36 @@ class NonVmappableDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net[2](_CubicActivation.apply(self.net[0](z)))
+
+
+def slogdet_gram(J: Tensor) -> Tensor:
+    """log det(JᵀJ) per sample from J (..., D, d), by ``slogdet``; differentiable."""
+    return torch.linalg.slogdet(J.transpose(-1, -2) @ J)[1]
+
+
+def dense_jacobian(decoder: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
+    """J per sample, (B, D, d), by forward mode one column at a time for the whole batch
+    (rows are independent); no vmap, so it serves any differentiable decoder."""
+    cols = []
+    for j in range(z.shape[1]):
+        e = torch.zeros_like(z)
+        e[:, j] = 1
+        cols.append(torch.func.jvp(decoder, (z,), (e,))[1])
+    return torch.stack(cols, dim=-1)
+
+
+def dense_logdet(decoder: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
+    """The dense truth: log det(JᵀJ) per sample from the full Jacobian, in z's dtype
+    (call it with float64 decoder and z for the reference value); differentiable.
+
+    Arguments:
+        decoder: callable mapping (B, d) to (B, D).
+        z: (B, d).
+
+    Returns:
+        (B,) log dets.
+    """
+    return slogdet_gram(dense_jacobian(decoder, z))
 
 
 def rel_error(actual: Tensor, expected: Tensor) -> float:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rnf_fast.baselines import dense_logdet, logdet_fif, logdet_official_cg
+from rnf_fast.baselines import logdet_fif, logdet_official_cg
 from rnf_fast.benchmarks import pseudo_inverse_encoder
-from rnf_fast.testing import SinSoftplusDecoder, grads, mlp_decoder, rel_error
+from rnf_fast.testing import SinSoftplusDecoder, dense_logdet, grads, mlp_decoder, rel_error
 
 
 def _problem(seed=0, B=5, d=3, D=10):

@@ -5,9 +5,8 @@ import torch
 from torch import nn
 
 import rnf_fast
-from rnf_fast.baselines import dense_jacobian, dense_logdet
 from rnf_fast.linearize.modules import supports_sequential
-from rnf_fast.testing import grads, rel_error
+from rnf_fast.testing import dense_jacobian, dense_logdet, grads, rel_error
 
 ACTIVATIONS = [
     nn.Tanh(),

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import rnf_fast
-from rnf_fast.baselines import dense_jacobian
-from rnf_fast.testing import NonVmappableDecoder, SinSoftplusDecoder, rel_error
+from rnf_fast.testing import NonVmappableDecoder, SinSoftplusDecoder, dense_jacobian, rel_error
 
 CASES = [
     ("sin-softplus, vmap", lambda: SinSoftplusDecoder(4, 5), "vmap"),

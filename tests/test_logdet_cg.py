@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import rnf_fast
-from rnf_fast.baselines import dense_jacobian, dense_logdet
 from rnf_fast.testing import (
     NonVmappableDecoder,
     SinSoftplusDecoder,
+    dense_jacobian,
+    dense_logdet,
     grads,
     mlp_decoder,
     rel_error,

@@ -4,8 +4,14 @@ import pytest
 import torch
 
 import rnf_fast
-from rnf_fast.baselines import dense_logdet
-from rnf_fast.testing import NonVmappableDecoder, SinSoftplusDecoder, grads, mlp_decoder, rel_error
+from rnf_fast.testing import (
+    NonVmappableDecoder,
+    SinSoftplusDecoder,
+    dense_logdet,
+    grads,
+    mlp_decoder,
+    rel_error,
+)
 
 CASES = [
     ("mlp", lambda: mlp_decoder(3, 7, hidden=(9, 5)), 5, 3),

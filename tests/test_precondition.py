@@ -6,8 +6,14 @@ import pytest
 import torch
 
 import rnf_fast
-from rnf_fast.baselines import dense_jacobian, dense_logdet
-from rnf_fast.testing import SinSoftplusDecoder, grads, mlp_decoder, rel_error
+from rnf_fast.testing import (
+    SinSoftplusDecoder,
+    dense_jacobian,
+    dense_logdet,
+    grads,
+    mlp_decoder,
+    rel_error,
+)
 
 
 def _params_and_z(decoder, B, d, seed=0):

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 import rnf_fast
-from rnf_fast.baselines import dense_jacobian
 from rnf_fast.models import FlowConfig, RectangularFlow
+from rnf_fast.testing import dense_jacobian
 from rnf_fast.training.objectives import ml_loss
 
 DTYPE = torch.float64

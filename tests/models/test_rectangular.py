@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from rnf_fast.baselines import dense_jacobian, dense_logdet
 from rnf_fast.models import CheckpointError, FlowConfig, RectangularFlow
-from rnf_fast.testing import rel_error
+from rnf_fast.testing import dense_jacobian, dense_logdet, rel_error
 
 DTYPE = torch.float64
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import rnf_fast.training.objectives as objectives
-from rnf_fast.baselines import dense_logdet
 from rnf_fast.models import FlowConfig, RectangularFlow
-from rnf_fast.testing import grads, rel_error
+from rnf_fast.testing import dense_logdet, grads, rel_error
 from rnf_fast.training import Objective, ml_loss, ts_loss
 
 DTYPE = torch.float64
