@@ -1,6 +1,9 @@
-import pytest
+"""bench/'s tests: the ``--bench-size`` option, the machine in pytest-benchmark's JSON. pytest
+puts this folder on ``sys.path`` (rootdir-relative conftest, no ``__init__.py``), so the tests
+import the harness as ``harness``."""
 
-from rnf_fast import benchmarks
+import harness
+import pytest
 
 
 def pytest_addoption(parser):
@@ -14,7 +17,7 @@ def pytest_addoption(parser):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info.update(benchmarks.machine_info())
+    machine_info.update(harness.machine_info())
 
 
 @pytest.fixture(scope="session")

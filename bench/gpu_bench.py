@@ -45,7 +45,7 @@ not a chip.
     python3 bench/gpu_bench.py --section all --quick --device cpu --out /tmp/gb
 
 Each JSON: ``section``, ``device``, ``mode``, ``quick``, ``precision`` (the TF32 settings),
-``machine`` (:func:`rnf_fast.benchmarks.machine_info`), ``sizes``, ``ceilings`` (ceilings and
+``machine`` (:func:`harness.machine_info`), ``sizes``, ``ceilings`` (ceilings and
 kernels; kernels also ``ceilings_source``), ``complete`` (false while running or after a
 crash), ``seconds``, and ``rows``: one per case, with ``case``, ``status`` (``ok``,
 ``skipped`` with ``reason``, ``failed`` with ``error`` and ``traceback``), ``seconds`` and the
@@ -71,18 +71,25 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from rnf_fast.kernels import reference as kernel_reference
 from torch import Tensor
 
 import rnf_fast
-from rnf_fast import benchmarks, kernels
-from rnf_fast.baselines import logdet_fif, logdet_official_cg
 from rnf_fast.engine.api import DEFAULT_CG_TOL
 from rnf_fast.engine.probes import make_probes
 from rnf_fast.ops import cpp as cpp_backend
 from rnf_fast.ops import reference
+from rnf_fast.ops import reference as kernel_reference
+from rnf_fast.ops import triton as kernels
 from rnf_fast.ops.dispatch import available_backends, get_backend
 from rnf_fast.testing import dense_jacobian, grads, rel_error
+
+# The harness beside this script: gpu_check.sh runs it with python -P, which leaves the script's
+# folder off sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness.baselines import logdet_fif, logdet_official_cg  # noqa: E402
+from harness.contenders import GRAD_TOL, JACFWD, JACREV, OFFICIAL, VALUE_TOL  # noqa: E402
+from harness.problems import problem_encoder  # noqa: E402
 
 SECTIONS = ("ceilings", "kernels", "logdet")
 
@@ -94,7 +101,7 @@ SECTIONS = ("ceilings", "kernels", "logdet")
 
 @dataclass(frozen=True)
 class LogdetCase:
-    """One log det problem: a key of :data:`rnf_fast.benchmarks.PROBLEMS` (or
+    """One log det problem: a key of :data:`harness.PROBLEMS` (or
     :data:`EXTRA_PROBLEMS`), its latent dimension d and batch B (None: the problem's), and the
     batch the float64 truth is computed on (None: the problem's ``verify_batch``, else
     min(B, 256))."""
@@ -188,21 +195,21 @@ SIZES: dict[tuple[str, bool], Sizes] = {
 }
 """Sizes by (device type, quick)."""
 
-EXTRA_PROBLEMS: dict[str, benchmarks.ProblemSpec] = {
+EXTRA_PROBLEMS: dict[str, harness.ProblemSpec] = {
     "flow-mnist-wide": replace(
-        benchmarks.PROBLEMS["flow-mnist"],
-        flow={**benchmarks.PROBLEMS["flow-mnist"].flow, "image_channels": 64},
+        harness.PROBLEMS["flow-mnist"],
+        flow={**harness.PROBLEMS["flow-mnist"].flow, "image_channels": 64},
         about="MNIST-sized multi-scale conv RealNVP at the paper's width "
         "(1×28×28, 2 scales, 2 blocks, 64 channels)",
     ),
 }
-"""Problems of this benchmark beyond :data:`rnf_fast.benchmarks.PROBLEMS`."""
+"""Problems of this benchmark beyond :data:`harness.PROBLEMS`."""
 
 
 def _register_problems() -> None:
-    """Make :data:`EXTRA_PROBLEMS` known to :func:`rnf_fast.benchmarks.make_problem`."""
+    """Make :data:`EXTRA_PROBLEMS` known to :func:`harness.make_problem`."""
     for name, spec in EXTRA_PROBLEMS.items():
-        benchmarks.PROBLEMS.setdefault(name, spec)
+        harness.PROBLEMS.setdefault(name, spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -846,8 +853,6 @@ def run_kernels(log: SectionLog, device: torch.device, sizes: Sizes, ceil: dict)
 # Section: logdet
 # ---------------------------------------------------------------------------------------------
 
-JACFWD, JACREV = "forward-mode (vmap(jacfwd))", "reverse-mode (vmap(jacrev))"
-OFFICIAL = "official code (CG, K=1)"
 GPYTORCH = "gpytorch linear_cg K=1 (rnf_fast matvec)"
 SPEEDUP_REFERENCES = {"jacfwd": JACFWD, "official": OFFICIAL, "jacrev": JACREV}
 CHECK_TOL = 1e-7  # CG tolerance of the full-probe checks (up to 10·d iterations)
@@ -922,12 +927,12 @@ def _gpytorch_fn(decoder, z, encoder):
     return gpytorch_cg_term(decoder, z, probes=1, tol=DEFAULT_CG_TOL, max_iter=d)
 
 
-def logdet_contenders(device: torch.device) -> dict[str, benchmarks.Contender]:
-    """The suite's contenders for the device (:func:`rnf_fast.benchmarks.suite_contenders`)
+def logdet_contenders(device: torch.device) -> dict[str, harness.Contender]:
+    """The suite's contenders for the device (:func:`harness.suite_contenders`)
     and GPyTorch's CG with rnf_fast's matvec (at rnf_fast's default tolerance, K = 1,
     at most d iterations)."""
-    out = dict(benchmarks.suite_contenders(device.type))
-    out[GPYTORCH] = benchmarks.Contender("gpytorch", _gpytorch_fn, has_value=False)
+    out = dict(harness.suite_contenders(device.type))
+    out[GPYTORCH] = harness.Contender("gpytorch", _gpytorch_fn, has_value=False)
     return out
 
 
@@ -936,8 +941,8 @@ class LogdetSetup:
     """A log det case ready to run: the timing problem (batch B), the verification problem
     (the truth batch; the same object when it is B) and its float64 truth on the device."""
 
-    timing: benchmarks.Problem
-    verify: benchmarks.Problem
+    timing: harness.Problem
+    verify: harness.Problem
     truth_value: Tensor  # (B_verify,) float64
     truth_grad: Tensor  # float64, flattened over [*params, z]
     truth_s: float
@@ -947,7 +952,7 @@ class LogdetSetup:
     def encoder(self, which: str) -> Callable[[Tensor], Tensor]:
         """The FIF encoder of the ``"timing"`` or ``"verify"`` problem, built once."""
         if which not in self.encoders:
-            self.encoders[which] = benchmarks.problem_encoder(getattr(self, which))
+            self.encoders[which] = problem_encoder(getattr(self, which))
         return self.encoders[which]
 
 
@@ -955,7 +960,7 @@ def _flat(tensors: list[Tensor]) -> Tensor:
     return torch.cat([t.detach().double().flatten() for t in tensors])
 
 
-def float64_truth(problem: benchmarks.Problem) -> tuple[Tensor, Tensor]:
+def float64_truth(problem: harness.Problem) -> tuple[Tensor, Tensor]:
     """log det(JᵀJ) and its gradient over ``[*problem.params, problem.z]`` in float64, on the
     problem's device, from a float64 copy of its float32 decoder at its float32 z (the exact
     answer to the question the float32 contenders are asked): dense forward-mode J, slogdet,
@@ -966,7 +971,7 @@ def float64_truth(problem: benchmarks.Problem) -> tuple[Tensor, Tensor]:
     """
     if problem.model is not None:
         model64 = copy.deepcopy(problem.model).double()
-        decoder64 = benchmarks.flow_decoder(model64)
+        decoder64 = harness.flow_decoder(model64)
         params64 = list(model64.f.parameters())
     else:
         decoder64 = copy.deepcopy(problem.decoder).double()
@@ -983,15 +988,15 @@ def float64_truth(problem: benchmarks.Problem) -> tuple[Tensor, Tensor]:
 def setup_case(case: LogdetCase, device: torch.device) -> LogdetSetup:
     """Build the case's problems on the device and the float64 truth of its verification
     batch."""
-    spec = benchmarks.PROBLEMS[case.problem]
+    spec = harness.PROBLEMS[case.problem]
     B = spec.B if case.B is None else case.B
     Bv = case.verify_batch or spec.verify_batch or min(B, 256)
     dev = str(device)
-    timing = benchmarks.make_problem(case.problem, d=case.d, batch=B, truth=False, device=dev)
+    timing = harness.make_problem(case.problem, d=case.d, batch=B, truth=False, device=dev)
     verify = (
         timing
         if Bv == B
-        else benchmarks.make_problem(case.problem, d=case.d, batch=Bv, truth=False, device=dev)
+        else harness.make_problem(case.problem, d=case.d, batch=Bv, truth=False, device=dev)
     )
     t0 = time.perf_counter()
     value, grad = float64_truth(verify)
@@ -1000,8 +1005,8 @@ def setup_case(case: LogdetCase, device: torch.device) -> LogdetSetup:
 
 
 def _step(
-    problem: benchmarks.Problem,
-    contender: benchmarks.Contender,
+    problem: harness.Problem,
+    contender: harness.Contender,
     encoder: Callable | None,
     stats: dict,
 ) -> Callable[[], Tensor]:
@@ -1020,12 +1025,12 @@ def _step(
     return step
 
 
-def _flat_grads(problem: benchmarks.Problem) -> Tensor:
+def _flat_grads(problem: harness.Problem) -> Tensor:
     tensors = [*problem.params, problem.z]
     return _flat([torch.zeros_like(t) if t.grad is None else t.grad for t in tensors])
 
 
-def verify_contender(setup: LogdetSetup, name: str, contender: benchmarks.Contender) -> dict:
+def verify_contender(setup: LogdetSetup, name: str, contender: harness.Contender) -> dict:
     """One step on the verification batch against the float64 truth, then the check its
     method promises (see the module docstring).
 
@@ -1047,7 +1052,7 @@ def verify_contender(setup: LogdetSetup, name: str, contender: benchmarks.Conten
         ),
         "grad_rel_err": rel_error(_flat_grads(problem), setup.truth_grad),
     }
-    tol_v, tol_g = benchmarks.VALUE_TOL, benchmarks.GRAD_TOL
+    tol_v, tol_g = VALUE_TOL, GRAD_TOL
     if contender.kind == "dense" or stats.get("method") == "exact":
         out["check"] = f"exact: value <= {tol_v:.0e}, gradient <= {tol_g:.0e}"
         if not (out["value_rel_err"] <= tol_v and out["grad_rel_err"] <= tol_g):
@@ -1097,13 +1102,13 @@ def verify_contender(setup: LogdetSetup, name: str, contender: benchmarks.Conten
     return out
 
 
-def _clear_grads(problem: benchmarks.Problem) -> None:
+def _clear_grads(problem: harness.Problem) -> None:
     for p in problem.params:
         p.grad = None
     problem.z.grad = None
 
 
-def _activation_bytes(problem: benchmarks.Problem, device: torch.device) -> int:
+def _activation_bytes(problem: harness.Problem, device: torch.device) -> int:
     """CUDA memory one forward pass with its autograd graph holds, at the problem's batch."""
     _clear_grads(problem)
     _sync(device)
@@ -1157,7 +1162,7 @@ STAT_KEYS = ("method", "backend", "batching", "matvecs", "cg_iterations", "cg_un
 def logdet_case(
     setup: LogdetSetup,
     name: str,
-    contender: benchmarks.Contender,
+    contender: harness.Contender,
     device: torch.device,
     sizes: Sizes,
 ) -> dict:
@@ -1212,7 +1217,7 @@ def run_logdet(log: SectionLog, device: torch.device, sizes: Sizes) -> None:
     _register_problems()
     contenders = logdet_contenders(device)
     for case in sizes.logdet:
-        spec = benchmarks.PROBLEMS[case.problem]
+        spec = harness.PROBLEMS[case.problem]
         d = spec.d if case.d is None else case.d
         B = spec.B if case.B is None else case.B
         base = {
@@ -1458,7 +1463,7 @@ def run_section(
         "mode": mode,
         "quick": quick,
         "precision": precision,
-        "machine": benchmarks.machine_info(),
+        "machine": harness.machine_info(),
         "sizes": asdict(sizes),
     }
     torch.manual_seed(0)

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import make_problem
 from scipy.optimize import nnls
 
 from rnf_fast import logdet_grad
-from rnf_fast.benchmarks import make_problem
-from rnf_fast.engine.api import AUTO_COST_MODEL, choose_method
+from rnf_fast.engine.auto import AUTO_COST_MODEL, choose_method
 
 DS = [4, 8, 16, 32, 64, 128, 256]
 ROUNDS = 5
@@ -110,7 +110,7 @@ def measure_matvecs() -> dict[tuple[int, int], float]:
                     generator=torch.Generator().manual_seed(seed),
                     return_info=True,
                 )
-                counts.append(info.matvecs)
+                counts.append(info.cg.matvecs)
             out[d, K] = sum(counts) / len(counts)
     return out
 
@@ -172,7 +172,7 @@ def main() -> None:
     lines += [
         "",
         "Decisions: the faster measured method against the fitted model's choice, and the",
-        "choice of `choose_method` with the constants shipped in `rnf_fast.logdet`.\n",
+        "choice of `choose_method` with the constants shipped in `rnf_fast.engine.auto`.\n",
         "| path | d | K | measured faster | model | choose_method |",
         "|---|---:|---:|---|---|---|",
     ]

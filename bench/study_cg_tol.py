@@ -8,9 +8,9 @@ well below the noise (K = 1, the standard MLP problem, float32 model, float64 CG
 """
 
 import torch
+from harness import make_problem
 
 from rnf_fast import logdet_grad
-from rnf_fast.benchmarks import make_problem
 from rnf_fast.testing import grads, rel_error
 
 TOLS = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4]
@@ -36,7 +36,7 @@ def main() -> None:
         for t in TOLS:
             g, info = flat_grad(probes=V, tol=t, max_iter=64)
             rows[t].append(rel_error(g, ref))
-            iters[t].append(info.cg_iterations.float().mean().item())
+            iters[t].append(info.cg.iterations.float().mean().item())
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(f"Hutchinson noise (K=1), relative to the exact gradient: {mean(noise):.3f}\n")
     print("| tol | CG error / exact gradient | CG error / Hutchinson noise | mean iterations |")

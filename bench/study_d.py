@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rnf_fast.benchmarks import SUITE_BUDGET_S, run_suite, suite_markdown, suite_plots
+from harness import SUITE_BUDGET_S, markdown, plots, run_suite
 
 
 def main() -> None:
@@ -26,8 +26,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"suite_study_d_{args.size}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / f"suite_study_d_{args.size}.md").write_text(suite_markdown(results))
-    for path in suite_plots(results, args.plots or out, prefix=f"bench_{args.size}"):
+    (out / f"suite_study_d_{args.size}.md").write_text(markdown(results))
+    for path in plots(results, args.plots or out, prefix=f"bench_{args.size}"):
         print(f"wrote {path}")
 
 

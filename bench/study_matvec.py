@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import torch
+from harness import machine_info, make_problem
 
 from rnf_fast import linearize
-from rnf_fast.benchmarks import machine_info, make_problem
-from rnf_fast.linearize.base import FuncLinearization
+from rnf_fast.linearize import FuncLinearization
 from rnf_fast.testing import dense_jacobian, rel_error
 
 PROBLEMS = ("mlp-16-784", "mlp-64-784", "flow-miniboone", "flow-power")

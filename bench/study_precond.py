@@ -18,9 +18,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from harness import make_problem
 
 from rnf_fast import logdet_grad
-from rnf_fast.benchmarks import make_problem
 from rnf_fast.runs import _load_data, _load_run, _prepare
 
 RUN = Path(__file__).resolve().parents[1] / "runs" / "quality" / "digits" / "ML__cg_K=1-seed0"
@@ -52,7 +52,7 @@ def _iterations(decoder, z, K, **kw):
     gen = torch.Generator().manual_seed(0)
     V = torch.sign(torch.randn(z.shape[0], K, z.shape[1], generator=gen))
     _, info = logdet_grad(decoder, z, method="cg", probes=V, return_info=True, **kw)
-    return info.cg_iterations.double().mean().item(), info.matvecs, info
+    return info.cg.iterations.double().mean().item(), info.cg.matvecs, info
 
 
 def _trained_rows(model, zs, d):
@@ -86,7 +86,7 @@ def _warm_start(model, zs, d):
         it, mv, _ = _iterations(model.decode, z, 1)
         warm["cold"].append(it)
         warm["cold matvecs"].append(mv)
-        it, mv, _ = _iterations(model.decode, z, 1, x0=info.solution)
+        it, mv, _ = _iterations(model.decode, z, 1, x0=info.cg.solution)
         warm["warm"].append(it)
         warm["warm matvecs"].append(mv)
     return {k: sum(v) / len(v) for k, v in warm.items()}

@@ -19,10 +19,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from harness import make_problem
 from study_precond import trained_problem
 
 from rnf_fast import logdet_grad
-from rnf_fast.benchmarks import make_problem
 from rnf_fast.testing import grads
 
 DRAWS = 24

@@ -68,7 +68,7 @@ void check_first(const at::Tensor& t, const char* name) {
 
 void check_max_dim(int64_t size, const char* what) {
   TORCH_CHECK_VALUE(size <= kMaxDim, what, " must be <= ", kMaxDim,
-                    " for the compiled kernels (use rnf_fast.reference beyond), got ", size);
+                    " for the compiled kernels (use rnf_fast.ops.reference beyond), got ", size);
 }
 
 // Systems per thread chunk, so each chunk holds about 2^15 flops.
@@ -247,8 +247,8 @@ at::Tensor cholesky_inverse(const at::Tensor& L) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() =
-      "Compiled per-system numerics of rnf_fast (see rnf_fast.cpp_backend for the typed layer "
-      "and rnf_fast.reference for the spec of every op).";
+      "Compiled per-system numerics of rnf_fast (see rnf_fast.ops.cpp for the typed layer "
+      "and rnf_fast.ops.reference for the spec of every op).";
   m.attr("MAX_DIM") = rnf_fast::kMaxDim;
   m.attr("MAX_JITTER_STEPS") = rnf_fast::kMaxJitterSteps;
   m.attr("WITH_CUDA") = rnf_fast::kWithCuda;

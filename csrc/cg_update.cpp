@@ -1,5 +1,6 @@
-// One fused CG step with Lanczos bookkeeping, CPU: reference.cg_update, one system at a time.
-#include "ops.h"
+// One fused CG step with Lanczos bookkeeping, CPU: reference.cg_update, one system at a time
+// (the scalar bookkeeping is shared with the CUDA kernel: system_math.h).
+#include "system_math.h"
 
 namespace rnf_fast {
 
@@ -14,32 +15,21 @@ void cg_update_cpu(const CGView<T>& s, const T* Ap, T* alpha, int64_t d, int64_t
     T pAp = T(0);
 #pragma omp simd reduction(+ : pAp)
     for (int64_t i = 0; i < d; ++i) pAp += p[i] * ap[i];
-    const bool active = s.active[n];
-    const bool ok = active && pAp > T(0);  // NaN curvature is a breakdown too
-    const T rr = s.rr[n];
-    const T a = ok ? rr / pAp : T(0);
+    const CGAlpha<T> a = cg_alpha(s, n, pAp);
     // Every system is updated, as in the reference (x + 0·p keeps NaN in p visible).
     T rr_new = T(0);
 #pragma omp simd reduction(+ : rr_new)
     for (int64_t i = 0; i < d; ++i) {
-      x[i] += a * p[i];
-      r[i] -= a * ap[i];
+      x[i] += a.alpha * p[i];
+      r[i] -= a.alpha * ap[i];
       rr_new += r[i] * r[i];
     }
-    if (!ok) rr_new = rr;
-    const T b = ok ? rr_new / rr : T(0);
-    const bool still = ok && rr_new > tol2 * s.bb[n];
-    if (still) {
+    const CGBeta<T> b = cg_beta(s, n, a, rr_new, tol2);
+    if (b.still) {
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) p[i] = r[i] + b * p[i];
+      for (int64_t i = 0; i < d; ++i) p[i] = r[i] + b.beta * p[i];
     }
-    s.breakdown[n] = s.breakdown[n] || (active && !ok);
-    s.alphas[n * max_iter + it] = a;
-    s.betas[n * max_iter + it] = b;
-    s.steps[n] += ok ? 1 : 0;
-    s.rr[n] = rr_new;
-    s.active[n] = still;
-    alpha[n] = a;
+    cg_record(s, n, a, b, alpha, max_iter, it);
   }
 }
 

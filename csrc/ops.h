@@ -5,7 +5,8 @@
 // threads; the CUDA launchers take the whole batch and a stream. Only csrc/bindings.cpp
 // includes torch headers: these files compile in about a second each.
 //
-// Semantics are those of the plain-PyTorch spec in rnf_fast/reference.py (see csrc/README.md).
+// Semantics are those of the plain-PyTorch spec in rnf_fast/ops/reference.py (see
+// csrc/README.md).
 #pragma once
 
 #include <cstdint>

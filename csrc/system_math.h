@@ -1,5 +1,6 @@
-// Per-system math shared by the CPU (.cpp) and CUDA (.cu) kernels: scalar helpers and the
-// Lanczos quadrature of one tridiagonal, written once for host and device. Torch-free.
+// Per-system math shared by the CPU (.cpp) and CUDA (.cu) kernels: scalar helpers, the scalar
+// bookkeeping of one CG step and the Lanczos quadrature of one tridiagonal, written once for
+// host and device. Torch-free.
 #pragma once
 
 #include <cfloat>
@@ -81,6 +82,57 @@ RNF_HD inline T hypot_(T a, T b) {
   if (big == T(0)) return T(0);
   const T q = small / big;
   return big * sqrt_(T(1) + q * q);
+}
+
+// The scalar bookkeeping of one CG step of system n, as reference.cg_update; the kernels keep
+// only the vector sweeps over d (pᵀAp; x, r and rᵀr; p) and call these between them.
+
+// The step size from pᵀAp: ok is false for an inactive system and for a breakdown. The state's
+// rᵀr is read here, once, before any thread of the system writes it back (cg_record).
+template <typename T>
+struct CGAlpha {
+  bool active;
+  bool ok;
+  T rr;  // rᵀr before the step
+  T alpha;
+};
+
+template <typename T>
+RNF_HD inline CGAlpha<T> cg_alpha(const CGView<T>& s, int64_t n, T pAp) {
+  const bool active = s.active[n];
+  const bool ok = active && pAp > T(0);  // NaN curvature is a breakdown too
+  const T rr = s.rr[n];
+  return {active, ok, rr, ok ? rr / pAp : T(0)};
+}
+
+// β and the stopping rule from the new rᵀr (the old one is kept where no step was taken).
+template <typename T>
+struct CGBeta {
+  T rr;
+  T beta;
+  bool still;  // still active: ‖r‖ > tol · ‖b‖ after a step
+};
+
+template <typename T>
+RNF_HD inline CGBeta<T> cg_beta(const CGView<T>& s, int64_t n, const CGAlpha<T>& a, T rr_new,
+                                T tol2) {
+  if (!a.ok) rr_new = a.rr;
+  const T b = a.ok ? rr_new / a.rr : T(0);
+  return {rr_new, b, a.ok && rr_new > tol2 * s.bb[n]};
+}
+
+// Writes system n's breakdown flag, α and β in column `it`, step count, rᵀr, active flag and
+// step size alpha[n].
+template <typename T>
+RNF_HD inline void cg_record(const CGView<T>& s, int64_t n, const CGAlpha<T>& a,
+                             const CGBeta<T>& b, T* alpha, int64_t max_iter, int64_t it) {
+  s.breakdown[n] = s.breakdown[n] || (a.active && !a.ok);
+  s.alphas[n * max_iter + it] = a.alpha;
+  s.betas[n * max_iter + it] = b.beta;
+  s.steps[n] += a.ok ? 1 : 0;
+  s.rr[n] = b.rr;
+  s.active[n] = b.still;
+  alpha[n] = a.alpha;
 }
 
 // Stochastic Lanczos quadrature of one system, as reference.lanczos_logquad: builds the

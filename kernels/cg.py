@@ -1,5 +1,6 @@
 """One fused conjugate-gradient step for many small systems: ``cg_update`` (the reference, and
-the spec of its semantics, is :func:`rnf_fast.ops.reference.cg_update`).
+the spec of its semantics, is ``cg_update`` of ``rnf_fast.ops.reference``; the launcher takes
+the CG state's tensors, and ``rnf_fast.ops.triton`` passes those of a ``CGState``).
 
 One launch per iteration, no host synchronisation: each program advances BLOCK_N systems, in
 three sweeps over d (pᵀAp; x, r and rᵀr; the new direction p), with the per-system stop, the
@@ -13,8 +14,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from rnf_fast.ops.reference import CGState
 
 __all__ = ["BLOCK_D_CHOICES", "BLOCK_ELEMENTS", "DTYPES", "cg_update"]
 
@@ -104,66 +103,105 @@ def _cg_update_kernel(
     tl.store(alpha_ptr + n, alpha, mask=n_ok)
 
 
-def _check(state: CGState, Ap: Tensor) -> None:
-    N, d = state.x.shape
+def _check(tensors: dict[str, Tensor], Ap: Tensor, it: int) -> None:
+    x, alphas = tensors["x"], tensors["alphas"]
+    if x.dim() != 2:
+        raise ValueError(f"x must be (N, d), got {tuple(x.shape)}")
+    N, d = x.shape
     if Ap.shape != (N, d):
-        raise ValueError(f"Ap must be (N, d) = {(N, d)}, like state.p, got {tuple(Ap.shape)}")
-    if state.it >= state.alphas.shape[1]:
+        raise ValueError(f"Ap must be (N, d) = {(N, d)}, like p, got {tuple(Ap.shape)}")
+    if alphas.dim() != 2 or not 0 <= it < alphas.shape[1]:
         raise ValueError(
-            f"state.it = {state.it} is past the Lanczos buffers (max_iter = "
-            f"{state.alphas.shape[1]})"
+            f"it = {it} is past the Lanczos buffers (alphas of shape {tuple(alphas.shape)}: "
+            "it must be in [0, max_iter))"
         )
-    dtype, device = state.x.dtype, state.x.device
+    dtype, device = x.dtype, x.device
     if dtype not in DTYPES:
-        raise TypeError(f"state.x must be float32 or float64, got {dtype}")
-    fields = {
-        "x": (state.x, dtype),
-        "r": (state.r, dtype),
-        "p": (state.p, dtype),
-        "rr": (state.rr, dtype),
-        "bb": (state.bb, dtype),
-        "active": (state.active, torch.bool),
-        "breakdown": (state.breakdown, torch.bool),
-        "steps": (state.steps, torch.int64),
-        "alphas": (state.alphas, dtype),
-        "betas": (state.betas, dtype),
-    }
-    for name, (t, want) in fields.items():
-        if t.dtype != want or t.device != device or not t.is_contiguous():
+        raise TypeError(f"x must be float32 or float64, got {dtype}")
+    want = {"active": torch.bool, "breakdown": torch.bool, "steps": torch.int64}
+    for name, t in tensors.items():
+        kind = want.get(name, dtype)
+        if t.dtype != kind or t.device != device or not t.is_contiguous():
             raise TypeError(
-                f"state.{name} must be a contiguous {want} tensor on {device}, got {t.dtype} on "
+                f"{name} must be a contiguous {kind} tensor on {device}, got {t.dtype} on "
                 f"{t.device} (contiguous: {t.is_contiguous()})"
             )
 
 
-def cg_update(state: CGState, Ap: Tensor, tol: float) -> Tensor:
-    """Advance every active system by one CG step, given A p; update ``state`` in place.
+def cg_update(
+    x: Tensor,
+    r: Tensor,
+    p: Tensor,
+    rr: Tensor,
+    bb: Tensor,
+    active: Tensor,
+    breakdown: Tensor,
+    steps: Tensor,
+    alphas: Tensor,
+    betas: Tensor,
+    Ap: Tensor,
+    it: int,
+    tol: float,
+) -> Tensor:
+    """Advance every active system by one CG step, given A p; update the tensors in place.
 
-    Same semantics as :func:`rnf_fast.ops.reference.cg_update`: per-system stop on
-    ‖r‖ <= tol · ‖b‖, breakdown on pᵀAp <= 0 (or NaN), inactive systems frozen, column
-    ``state.it`` of ``state.alphas`` / ``state.betas`` written, ``state.it`` advanced.
+    Same semantics as the plain-PyTorch ``cg_update`` of rnf_fast (``rnf_fast.ops.reference``,
+    on a state holding these tensors): per-system stop on ‖r‖ <= tol · ‖b‖, breakdown on
+    pᵀAp <= 0 (or NaN), inactive systems frozen, column ``it`` of ``alphas`` / ``betas`` written.
+    The caller advances its step counter.
 
     Arguments:
-        state: the :class:`~rnf_fast.ops.reference.CGState` to advance (contiguous tensors,
-            float32 or float64).
-        Ap: (N, d) the operator applied to ``state.p`` (cast to the state's dtype).
+        x, r, p: (N, d) solution, residual and search direction (float32 or float64).
+        rr, bb: (N,) rᵀr and bᵀb, in the same dtype.
+        active, breakdown: (N,) bool flags; steps: (N,) int64 step counts.
+        alphas, betas: (N, max_iter) the Lanczos coefficients.
+        Ap: (N, d) the operator applied to p (cast to p's dtype).
+        it: the column of ``alphas`` / ``betas`` this step writes, in [0, max_iter).
         tol: relative residual tolerance.
+        All but Ap contiguous, on one device.
 
     Returns:
         (N,) the step sizes α of this step (0 for inactive systems).
     """
-    _check(state, Ap)
-    N, d = state.x.shape
-    Ap = Ap.to(state.x.dtype).contiguous()
-    alpha = torch.empty_like(state.rr)
+    tensors = {
+        "x": x,
+        "r": r,
+        "p": p,
+        "rr": rr,
+        "bb": bb,
+        "active": active,
+        "breakdown": breakdown,
+        "steps": steps,
+        "alphas": alphas,
+        "betas": betas,
+    }
+    _check(tensors, Ap, it)
+    N, d = x.shape
+    Ap = Ap.to(x.dtype).contiguous()
+    alpha = torch.empty_like(rr)
     if N > 0:
         block_d = next((b for b in BLOCK_D_CHOICES if b >= d), BLOCK_D_CHOICES[-1])
         block_n = BLOCK_ELEMENTS // block_d
         _cg_update_kernel[(triton.cdiv(N, block_n),)](
-            state.x, state.r, state.p, Ap, state.rr, state.bb, state.active, state.breakdown,
-            state.steps, state.alphas, state.betas, alpha,
-            N, d, state.alphas.shape[1], state.it, float(tol) * float(tol),
-            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
-        )  # fmt: skip
-    state.it += 1
+            x,
+            r,
+            p,
+            Ap,
+            rr,
+            bb,
+            active,
+            breakdown,
+            steps,
+            alphas,
+            betas,
+            alpha,
+            N,
+            d,
+            alphas.shape[1],
+            it,
+            float(tol) * float(tol),
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
     return alpha

@@ -88,9 +88,20 @@ def _launch(t, th, dy_dx, dy_dtheta, out, out_th, K, m, P, transpose):
     block_m = BLOCK_ELEMENTS // block_p
     grid = (t.shape[0] * K, triton.cdiv(m, block_m))
     _coupling_kernel[grid](
-        t, th, dy_dx, dy_dtheta, out, out_th, K, m, P,
-        TRANSPOSE=transpose, BLOCK_M=block_m, BLOCK_P=block_p, num_warps=4,
-    )  # fmt: skip
+        t,
+        th,
+        dy_dx,
+        dy_dtheta,
+        out,
+        out_th,
+        K,
+        m,
+        P,
+        TRANSPOSE=transpose,
+        BLOCK_M=block_m,
+        BLOCK_P=block_p,
+        num_warps=4,
+    )
 
 
 def coupling_tangent(dx_t: Tensor, dtheta: Tensor, dy_dx: Tensor, dy_dtheta: Tensor) -> Tensor:

@@ -89,7 +89,16 @@ def gram(J: Tensor) -> Tensor:
     block_i, block_d = next((c for c in configs if c[0] >= d), configs[-1])
     tiles = triton.cdiv(d, block_i)
     _gram_kernel[(B, tiles, tiles)](
-        J, A, D, d, J.stride(0), J.stride(1), J.stride(2),
-        USE_DOT=J.dtype == torch.float32, BLOCK_I=block_i, BLOCK_D=block_d, num_warps=4,
-    )  # fmt: skip
+        J,
+        A,
+        D,
+        d,
+        J.stride(0),
+        J.stride(1),
+        J.stride(2),
+        USE_DOT=J.dtype == torch.float32,
+        BLOCK_I=block_i,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
     return A

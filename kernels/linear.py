@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["BLOCK_K", "BLOCK_M", "BLOCK_N_CHOICES", "scaled_linear"]
+__all__ = ["BLOCK_M", "BLOCK_N_CHOICES", "BLOCK_R", "scaled_linear"]
 
 BLOCK_M = 64  # rows (B·K tangents) per program
-BLOCK_K = 32  # reduction chunk; tl.dot needs every dimension >= 16 on the GPU
+BLOCK_R = 32  # reduction chunk (over R = n_in, or n_out transposed); tl.dot needs >= 16 on a GPU
 BLOCK_N_CHOICES = (32, 64)  # output features per program: 32 for narrow layers (d -> 16)
 
 
@@ -37,19 +37,20 @@ def _scaled_linear_kernel(
     TRANSPOSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    # Y[m, n] = Σ_r X[m, r] W'[r, n] with W'[r, n] at w_ptr + r·stride_wr + n·stride_wn.
+    # Y[m, n] = Σ_r X[m, r] W'[r, n] with W'[r, n] at w_ptr + r·stride_wr + n·stride_wn: M = B·K
+    # rows (K tangents per sample), N outputs, R the reduction length, walked BLOCK_R at a time.
     # Rows m = b·K + k share the scale row S[b]: on the output (n) when not TRANSPOSE, on the
     # input (r) when TRANSPOSE.
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    red = tl.arange(0, BLOCK_K)
+    red = tl.arange(0, BLOCK_R)
     row_ok = rows < M
     col_ok = cols < N
     sample = rows // K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_K):
+    for r0 in range(0, R, BLOCK_R):
         rr = r0 + red
         red_ok = rr < R
         in_mask = row_ok[:, None] & red_ok[None, :]
@@ -129,7 +130,7 @@ def scaled_linear(X: Tensor, W: Tensor, S: Tensor | None, *, transpose: bool = F
         TRANSPOSE=transpose,
         BLOCK_M=BLOCK_M,
         BLOCK_N=block_n,
-        BLOCK_K=BLOCK_K,
+        BLOCK_R=BLOCK_R,
         num_warps=4,
     )
     return Y

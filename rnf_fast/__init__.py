@@ -5,9 +5,17 @@ log det(JᵀJ) per sample and its gradient is that of log det(JᵀJ), exact (for
 Cholesky) or stochastic (Hutchinson probes and conjugate gradients).
 """
 
-from .engine.api import LogdetInfo, SingularJacobianError, choose_method, logdet, logdet_grad
-from .engine.probes import make_probes
-from .linearize.base import FuncLinearization, Linearization, linearize
+from .engine import (
+    CG,
+    Exact,
+    LogdetInfo,
+    SingularJacobianError,
+    choose_method,
+    logdet,
+    logdet_grad,
+    make_probes,
+)
+from .linearize import FuncLinearization, Linearization, linearize
 from .ops.dispatch import available_backends, backend_report, use_backend
 
 
@@ -28,6 +36,8 @@ def __getattr__(name: str):
 __version__ = "0.1.0"
 
 __all__ = [
+    "CG",
+    "Exact",
     "FlowConfig",
     "FuncLinearization",
     "Linearization",

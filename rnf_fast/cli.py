@@ -21,17 +21,20 @@ __all__ = ["main"]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import __version__, backend_report, benchmarks, kernels
+    from .machine import machine_info
     from .ops import cpp as cpp_backend
+    from .ops.dispatch import backend_report
+    from .ops.triton import triton_unavailable_reason
 
-    print(f"rnf_fast {__version__}")
-    for key, value in benchmarks.machine_info().items():
+    info = machine_info()
+    print(f"rnf_fast {info.pop('rnf_fast')}")
+    for key, value in info.items():
         print(f"  {key}: {value}")
     print("backends:")
     for name, ok, detail in backend_report():
         print(f"  {name:8s} {'available' if ok else 'unavailable'}  ({detail})")
     print("kernels:")
-    reason = kernels.triton_unavailable_reason()
+    reason = triton_unavailable_reason()
     if reason is not None:
         matvec = f"PyTorch reference ({reason})"
     else:
@@ -45,22 +48,43 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmarks import run_suite, suite_markdown, suite_plots
+def _bench_dir() -> Path:
+    """The bench/ folder of the checkout this package runs from (an editable install)."""
+    return Path(__file__).resolve().parent.parent / "bench"
 
+
+def _import_harness():
+    """The benchmark harness, ``bench/harness`` of the checkout beside this package; a
+    one-line error that says where the suite lives when the package runs without it."""
+    bench = _bench_dir()
+    if not (bench / "harness" / "__init__.py").is_file():
+        raise SystemExit(
+            "rnf-fast bench: the benchmark suite is not part of the installed package; it lives "
+            "in bench/ of the rnf_fast repository: run this command from a checkout installed "
+            f"with `pip install -e .` (no bench/harness beside {Path(__file__).parent})"
+        )
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    import harness
+
+    return harness
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    harness = _import_harness()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    results = run_suite(
+    results = harness.run_suite(
         args.size, device=args.device, budget_s=args.budget, progress=not args.no_progress
     )
     json_path = out / f"suite_{args.size}.json"
     md_path = out / f"suite_{args.size}.md"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
-    table = suite_markdown(results)
+    table = harness.markdown(results)
     md_path.write_text(table)
-    plots = suite_plots(results, args.plots or out, prefix=f"bench_{args.size}")
+    plots = harness.plots(results, args.plots or out, prefix=f"bench_{args.size}")
     print(table)
     print(f"wrote {json_path}, {md_path} and {', '.join(str(p) for p in plots)}")
     return 0
@@ -301,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Jacobians, the official code's algorithm and the free-form surrogate, on MLP "
         "decoders and rectangular flows, plus the exact-vs-CG study over d. Every cell is "
         "verified against a float64 truth before it is timed. Writes suite_SIZE.json, "
-        "suite_SIZE.md and plots (see bench/README.md).",
+        "suite_SIZE.md and plots (see bench/README.md). Runs the harness in bench/ of the "
+        "checkout this package is installed from (pip install -e .).",
     )
     bench.add_argument(
         "--size",
@@ -323,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         type=float,
         default=None,
-        help="seconds of measurement shared by the cells (default: 1000 standard, 0 quick); "
+        help="seconds of measurement shared by the cells (default: 900 standard, 0 quick); "
         "cells estimated to exceed their share are skipped with the estimate",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -382,16 +382,23 @@ def _image_extras(
         recon = model.reconstruct(shown)
     shape = tuple(config["model"].get("image_shape") or ds.image_shape)
     plot_image_grid(
-        samples, run / "samples_grid.png", image_shape=shape, value_range=(0.0, 1.0),
+        samples,
+        run / "samples_grid.png",
+        image_shape=shape,
+        value_range=(0.0, 1.0),
         title="64 samples",
-    )  # fmt: skip
+    )
     width = len(shown) // rows
     pairs = torch.stack([shown.reshape(rows, width, -1), recon.reshape(rows, width, -1)], 1)
     pairs = pairs.reshape(2 * len(shown), -1)
     plot_image_grid(
-        pairs, run / "reconstructions.png", nrow=width, image_shape=shape, value_range=(0.0, 1.0),
+        pairs,
+        run / "reconstructions.png",
+        nrow=width,
+        image_shape=shape,
+        value_range=(0.0, 1.0),
         title="test images (odd rows) and their reconstructions (even rows)",
-    )  # fmt: skip
+    )
     return out
 
 

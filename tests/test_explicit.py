@@ -5,7 +5,14 @@ import torch
 from torch import nn
 
 import rnf_fast
-from rnf_fast.linearize.modules import supports_sequential
+from rnf_fast.flows import MLP
+from rnf_fast.linearize.modules import (
+    SequentialLinearization,
+    activate,
+    linearize_module,
+    supports_sequential,
+)
+from rnf_fast.linearize.pieces import Dense
 from rnf_fast.testing import dense_jacobian, dense_logdet, grads, rel_error
 
 ACTIVATIONS = [
@@ -115,7 +122,7 @@ def test_factored_gram_matches_dense_truth(act):
     inputs = [*dec.parameters(), z]
     truth = dense_logdet(dec, z)
     value, info = rnf_fast.logdet_grad(dec, z, method="exact", return_info=True)
-    assert info.gram == "factored"
+    assert info.exact.gram == "factored"
     assert rel_error(value.detach(), truth.detach()) < 1e-10
     for g, t in zip(grads(value, inputs), grads(truth, inputs)):
         assert rel_error(g, t) < 1e-9 or t.norm() == 0
@@ -127,13 +134,13 @@ def test_factored_gram_only_where_it_pays():
     z = torch.randn(4, 3, dtype=torch.float64)
     assert rnf_fast.linearize(_mlp(nn.Tanh()), z).gram() is None
     _, info = rnf_fast.logdet_grad(_mlp(nn.Tanh()), z, method="exact", return_info=True)
-    assert info.gram == "tangents"
+    assert info.exact.gram == "tangents"
     squashed = nn.Sequential(*_narrow_mlp(nn.Tanh()), nn.Sigmoid())
     assert rnf_fast.linearize(squashed, z).gram() is None
     _, info = rnf_fast.logdet_grad(
         _narrow_mlp(nn.Tanh()), z, method="exact", chunk_size=2, return_info=True
     )
-    assert info.gram == "tangents"
+    assert info.exact.gram == "tangents"
 
 
 def test_cg_in_the_hidden_space_matches_dense_truth(monkeypatch):
@@ -160,3 +167,38 @@ def test_cg_in_the_hidden_space_matches_dense_truth(monkeypatch):
     assert rel_error(value.detach(), truth.detach()) < 1e-9
     for g, t in zip(grads(value, inputs), grads(truth, inputs)):
         assert rel_error(g, t) < 1e-8 or t.norm() == 0
+
+
+def test_one_fused_rule_for_sequential_decoders_and_flow_conditioners():
+    """An nn.Sequential decoder and the flows' MLP with the same weights go through the same
+    rules: every Linear followed by its activation is one fused step, and the products agree
+    bit for bit."""
+    mlp = MLP(3, 8, hidden=(6, 5), activation="tanh").double()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    linears = list(mlp.linears)
+    seq = nn.Sequential(linears[0], nn.Tanh(), linears[1], nn.Tanh(), linears[2])
+    z = torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y, chain = linearize_module(mlp, z)
+    lin = rnf_fast.linearize(seq, z)
+    assert isinstance(lin, SequentialLinearization)
+    steps = [(type(part), part.scale is not None) for part in chain.parts]
+    assert steps == [(Dense, True), (Dense, True), (Dense, False)]
+    assert torch.equal(y, lin.out)
+    V = torch.randn(4, 2, 3, dtype=torch.float64)
+    assert torch.equal(chain.jvp(V), lin.jvp(V))
+    C = torch.randn(4, 2, 8, dtype=torch.float64)
+    assert torch.equal(chain.vjp(C), lin.vjp(C))
+
+
+def test_activation_derivative_from_the_output_matches_autograd():
+    a = torch.linspace(-4, 4, 41, dtype=torch.float64).reshape(1, -1)
+    for act in ACTIVATIONS:
+        y, slope = activate(act, a)
+        assert torch.equal(y, act(a))
+        want = torch.func.vmap(torch.func.grad(lambda t, act=act: act(t)))(a.flatten())
+        assert rel_error(slope.flatten(), want) < 1e-14, type(act).__name__
+    with pytest.raises(TypeError, match="m must be a supported activation"):
+        activate(nn.Softsign(), a)

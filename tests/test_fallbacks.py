@@ -1,12 +1,13 @@
 """Fallbacks that never strand a user: the switches RNF_FAST_NO_TRITON and
 RNF_FAST_NO_CUDA_EXT, a Triton that fails to compile or build its launcher (one warning, the
-reference's result, Triton off for the process), CUDA faults raised as they are, and the
-backend of a call deciding whether the Triton matvec kernels run.
+reference's result, Triton off for the process), CUDA faults raised as they are, the backend of
+a call deciding whether the Triton matvec kernels run, and the per-op fallback of a backend to
+its base and the reference.
 
-There is no GPU here: the Triton launchers are replaced by spies (``kernels._kernel``), and
-CPU float32 tensors stand in for CUDA ones where the test is about what happens after the
-device check (``kernels._kernel_takes``, ``triton_backend._on_cuda`` patched), or FakeTensor
-CUDA tensors where the device check itself is under test.
+There is no GPU here: the Triton launchers are replaced by spies (``triton_backend._kernel``),
+and CPU tensors stand in for CUDA ones where the test is about what happens after the device
+check (``triton_backend._on_cuda`` patched), or FakeTensor CUDA tensors where the device check
+itself is under test.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from rnf_fast.kernels import reference as kernel_reference
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import rnf_fast
-from rnf_fast import cli, kernels
+from rnf_fast import cli, ops
 from rnf_fast.ops import cpp as cpp_backend
 from rnf_fast.ops import dispatch as backends
 from rnf_fast.ops import reference
@@ -55,13 +55,13 @@ if hasattr(torch, "AcceleratorError"):
 
 
 class Spy:
-    """A fake ``kernels._kernel``: records each launch by op name, then raises ``error`` or
-    returns what the op's reference returns."""
+    """A fake ``triton_backend._kernel``: records each launch by op name, then raises ``error``
+    or returns what the op's reference returns."""
 
     REFERENCES = {
-        "scaled_linear": kernel_reference.scaled_linear,
-        "coupling_tangent": kernel_reference.coupling_tangent,
-        "coupling_cotangent": kernel_reference.coupling_cotangent,
+        "scaled_linear": reference.scaled_linear,
+        "coupling_tangent": reference.coupling_tangent,
+        "coupling_cotangent": reference.coupling_cotangent,
         "gram": reference.gram,
         "cg_update": reference.cg_update,
     }
@@ -80,28 +80,19 @@ class Spy:
         return launch
 
 
-def _takes_cpu(*tensors):
-    """kernels._kernel_takes with "cpu" in place of "cuda" (dtype and graph checks kept)."""
-    present = [t for t in tensors if t is not None]
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in present):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
-
-
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     """No switch set, no failure recorded, Triton 'installed', default thread setting."""
-    monkeypatch.delenv(kernels.NO_TRITON_ENV, raising=False)
+    monkeypatch.delenv(triton_backend.NO_TRITON_ENV, raising=False)
     monkeypatch.delenv(cpp_backend.NO_CUDA_EXT_ENV, raising=False)
-    monkeypatch.setattr(kernels, "_failure", None)
-    monkeypatch.setattr(kernels, "_triton_installed", lambda: True)
-    monkeypatch.setattr(kernels, "_local", threading.local())
+    monkeypatch.setattr(triton_backend, "_failure", None)
+    monkeypatch.setattr(triton_backend, "_triton_installed", lambda: True)
+    monkeypatch.setattr(backends, "_local", threading.local())
 
 
 @pytest.fixture
 def cpu_as_cuda(monkeypatch):
-    """CPU float32 tensors pass the kernels' device checks."""
-    monkeypatch.setattr(kernels, "_kernel_takes", _takes_cpu)
+    """CPU tensors pass the Triton ops' device check (their dtype and graph checks are kept)."""
     monkeypatch.setattr(
         triton_backend, "_on_cuda", lambda *ts: all(t.device.type == "cpu" for t in ts)
     )
@@ -109,7 +100,7 @@ def cpu_as_cuda(monkeypatch):
 
 def _spy(monkeypatch, error=None) -> Spy:
     spy = Spy(error)
-    monkeypatch.setattr(kernels, "_kernel", spy)
+    monkeypatch.setattr(triton_backend, "_kernel", spy)
     return spy
 
 
@@ -130,19 +121,19 @@ def _triton_row():
 def test_no_triton_switch_is_read_at_call_time(monkeypatch, cpu_as_cuda):
     spy = _spy(monkeypatch)
     C, W, S = _linear_args()
-    kernels.scaled_linear(C, W, S, transpose=True)
+    triton_backend.scaled_linear(C, W, S, transpose=True)
     assert spy.calls == ["scaled_linear"]  # the spy is reached without the switch
     monkeypatch.setenv("RNF_FAST_NO_TRITON", "1")  # after every import
-    got = kernels.scaled_linear(C, W, S, transpose=True)
-    kernels.coupling_cotangent(C, torch.rand(2, 5), torch.randn(2, 5, 2))
+    got = triton_backend.scaled_linear(C, W, S, transpose=True)
+    triton_backend.coupling_cotangent(C, torch.rand(2, 5), torch.randn(2, 5, 2))
     triton_backend.gram(torch.randn(2, 6, 3))
     assert spy.calls == ["scaled_linear"]  # nothing more launched under the switch
-    assert torch.equal(got, kernel_reference.scaled_linear(C, W, S, transpose=True))
-    assert not kernels.triton_available()
-    assert kernels.triton_unavailable_reason() == "disabled by RNF_FAST_NO_TRITON=1"
+    assert torch.equal(got, reference.scaled_linear(C, W, S, transpose=True))
+    assert not triton_backend.triton_available()
+    assert triton_backend.triton_unavailable_reason() == "disabled by RNF_FAST_NO_TRITON=1"
     assert _triton_row()[1:] == (False, "disabled by RNF_FAST_NO_TRITON=1")
     monkeypatch.setenv("RNF_FAST_NO_TRITON", "0")
-    kernels.scaled_linear(C, W, S, transpose=True)
+    triton_backend.scaled_linear(C, W, S, transpose=True)
     assert spy.calls == ["scaled_linear"] * 2  # back on once the switch is cleared
 
 
@@ -201,8 +192,8 @@ def test_cuda_ext_reason_names_a_build_without_cuda(monkeypatch):
 def _three_calls(C, W, S):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        outs = [kernels.scaled_linear(C, W, S, transpose=True) for _ in range(3)]
-    return outs, [w for w in caught if issubclass(w.category, kernels.TritonFallbackWarning)]
+        outs = [triton_backend.scaled_linear(C, W, S, transpose=True) for _ in range(3)]
+    return outs, [w for w in caught if issubclass(w.category, triton_backend.TritonFallbackWarning)]
 
 
 @pytest.mark.parametrize("name", list(BUILD_FAILURES))
@@ -211,15 +202,15 @@ def test_build_failure_falls_back_once_and_switches_triton_off(monkeypatch, cpu_
     spy = _spy(monkeypatch, error)
     C, W, S = _linear_args()
     outs, warned = _three_calls(C, W, S)
-    want = kernel_reference.scaled_linear(C, W, S, transpose=True)
+    want = reference.scaled_linear(C, W, S, transpose=True)
     assert all(torch.equal(out, want) for out in outs)  # the fallback got every argument
     assert spy.calls == ["scaled_linear"]  # tried once, then off for the process
     assert len(warned) == 1, [str(w.message) for w in warned]
     message = str(warned[0].message)
     assert type(error).__name__ in message and "RNF_FAST_NO_TRITON=1" in message, message
-    assert kernels.triton_failure().startswith(f"scaled_linear: {type(error).__name__}: ")
-    assert "after a failure in scaled_linear" in kernels.triton_unavailable_reason()
-    kernels.coupling_tangent(
+    assert triton_backend.triton_failure().startswith(f"scaled_linear: {type(error).__name__}: ")
+    assert "after a failure in scaled_linear" in triton_backend.triton_unavailable_reason()
+    triton_backend.coupling_tangent(
         torch.randn(2, 3, 4), torch.randn(2, 3, 4, 2), torch.rand(2, 4), torch.randn(2, 4, 2)
     )
     assert spy.calls == ["scaled_linear"]  # the other kernels are off too
@@ -231,11 +222,9 @@ def test_import_error_of_triton_falls_back(monkeypatch, cpu_as_cuda):
     monkeypatch.delitem(sys.modules, "rnf_fast.kernels.linear", raising=False)
     C, W, S = _linear_args()
     outs, warned = _three_calls(C, W, S)
-    assert all(
-        torch.equal(o, kernel_reference.scaled_linear(C, W, S, transpose=True)) for o in outs
-    )
+    assert all(torch.equal(o, reference.scaled_linear(C, W, S, transpose=True)) for o in outs)
     assert len(warned) == 1 and "ModuleNotFoundError" in str(warned[0].message)
-    assert kernels.triton_failure().startswith("scaled_linear: ModuleNotFoundError")
+    assert triton_backend.triton_failure().startswith("scaled_linear: ModuleNotFoundError")
 
 
 @pytest.mark.parametrize("name", list(CUDA_FAULTS))
@@ -244,13 +233,13 @@ def test_cuda_fault_is_raised_not_hidden(monkeypatch, cpu_as_cuda, name):
     spy = _spy(monkeypatch, error)
     C, W, S = _linear_args()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", kernels.TritonFallbackWarning)
+        warnings.simplefilter("error", triton_backend.TritonFallbackWarning)
         for attempt in (1, 2):
             with pytest.raises(type(error)) as raised:
-                kernels.scaled_linear(C, W, S, transpose=True)
+                triton_backend.scaled_linear(C, W, S, transpose=True)
             assert raised.value is error
             assert len(spy.calls) == attempt  # not switched off: nothing was recovered
-    assert kernels.triton_failure() is None
+    assert triton_backend.triton_failure() is None
 
 
 @pytest.mark.parametrize(
@@ -261,8 +250,8 @@ def test_cuda_fault_is_raised_not_hidden(monkeypatch, cpu_as_cuda, name):
 def test_errors_that_are_not_build_failures_are_raised(monkeypatch, cpu_as_cuda, error):
     _spy(monkeypatch, error)
     with pytest.raises(type(error)):
-        kernels.scaled_linear(*_linear_args(), transpose=True)
-    assert kernels.triton_failure() is None and kernels.triton_available()
+        triton_backend.scaled_linear(*_linear_args(), transpose=True)
+    assert triton_backend.triton_failure() is None and triton_backend.triton_available()
 
 
 def test_triton_backend_gram_falls_back_and_the_backend_stays_usable_by_name(
@@ -277,7 +266,7 @@ def test_triton_backend_gram_falls_back_and_the_backend_stays_usable_by_name(
         first, second = triton_backend.gram(J), triton_backend.gram(J)
     assert torch.equal(first, reference.gram(J)) and torch.equal(second, reference.gram(J))
     assert spy.calls == ["gram"]
-    assert [w.category for w in caught] == [kernels.TritonFallbackWarning]
+    assert [w.category for w in caught] == [triton_backend.TritonFallbackWarning]
     # "auto" skips it from now on, the report says why, and naming it still works.
     assert "triton" not in rnf_fast.available_backends("cuda")
     available, detail = _triton_row()[1:]
@@ -286,8 +275,14 @@ def test_triton_backend_gram_falls_back_and_the_backend_stays_usable_by_name(
 
 
 def _clone(state):
-    return replace(state, **{f.name: getattr(state, f.name).clone() for f in fields(state)
-                             if isinstance(getattr(state, f.name), torch.Tensor)})  # fmt: skip
+    return replace(
+        state,
+        **{
+            f.name: getattr(state, f.name).clone()
+            for f in fields(state)
+            if isinstance(getattr(state, f.name), torch.Tensor)
+        },
+    )
 
 
 def test_triton_backend_cg_update_falls_back_from_an_untouched_state(monkeypatch, cpu_as_cuda):
@@ -316,7 +311,7 @@ def test_a_failing_step_leaves_the_state_for_the_reference(monkeypatch, cpu_as_c
     state = reference.cg_init(b, 3)
     before = _clone(state)
     Ap = 2.0 * state.p
-    with pytest.warns(kernels.TritonFallbackWarning, match="FileNotFoundError"):
+    with pytest.warns(triton_backend.TritonFallbackWarning, match="FileNotFoundError"):
         alpha = triton_backend.cg_update(state, Ap, 1e-8)
     assert torch.equal(alpha, reference.cg_update(before, Ap, 1e-8))
     assert spy.calls == ["cg_update"] and state.it == before.it == 1
@@ -348,8 +343,9 @@ def test_only_the_triton_backend_launches_the_matvec_kernels(triton_on_cpu, meth
     for backend in ("torch", "cpp", "auto", "triton"):
         spy.calls.clear()
         with torch.no_grad():
-            values[backend], info = rnf_fast.logdet_grad(dec, z, backend=backend,
-                                                         return_info=True, **kw)  # fmt: skip
+            values[backend], info = rnf_fast.logdet_grad(
+                dec, z, backend=backend, return_info=True, **kw
+            )
         if backend in ("triton", "auto"):  # "auto" picks "triton" where it is usable
             assert info.backend == "triton" and "scaled_linear" in spy.calls, spy.calls
         else:
@@ -364,53 +360,121 @@ def test_only_the_triton_backend_launches_the_matvec_kernels(triton_on_cpu, meth
 def test_use_backend_and_the_default_outside_logdet_grad(triton_on_cpu):
     spy = triton_on_cpu
     C, W, S = _linear_args()
-    kernels.scaled_linear(C, W, S, transpose=True)
-    assert spy.calls == ["scaled_linear"]  # default: Triton wherever it is usable
+    ops.scaled_linear(C, W, S, transpose=True)
+    assert spy.calls == ["scaled_linear"]  # default "auto": Triton wherever it is usable
     for name, launches in (("torch", 0), ("cpp", 0), ("triton", 1), ("auto", 1)):
         spy.calls.clear()
         with rnf_fast.use_backend(name):
-            kernels.scaled_linear(C, W, S, transpose=True)
-        assert len(spy.calls) == launches, name
+            ops.scaled_linear(C, W, S, transpose=True)
+            ops.coupling_cotangent(C, torch.rand(2, 5), torch.randn(2, 5, 2))
+        assert spy.calls == ["scaled_linear", "coupling_cotangent"][: 2 * launches], name
     with rnf_fast.use_backend("torch"), rnf_fast.use_backend("triton"):
         spy.calls.clear()
-        kernels.scaled_linear(C, W, S, transpose=True)
+        ops.scaled_linear(C, W, S, transpose=True)
     assert spy.calls == ["scaled_linear"]  # the innermost block wins
+    with rnf_fast.use_backend("triton"):
+        spy.calls.clear()
+        ops.scaled_linear(C, W, S, transpose=True, backend="torch")
+        ops.coupling_tangent(
+            C, torch.randn(2, 3, 5, 2), torch.rand(2, 5), torch.randn(2, 5, 2), backend="cpp"
+        )
+    assert spy.calls == []  # an explicit backend= wins over the block
+    with rnf_fast.use_backend("torch"):
+        ops.scaled_linear(C, W, S, transpose=True, backend="triton")
+    assert spy.calls == ["scaled_linear"]
+    spy.calls.clear()
+    ops.scaled_linear(C.clone().requires_grad_(), W, S, transpose=True)
+    assert spy.calls == []  # a graph recorded through the inputs: the kernels have no backward
 
 
-def test_allow_triton_is_per_thread(triton_on_cpu):
+def test_use_backend_is_per_thread(triton_on_cpu):
     spy = triton_on_cpu
     C, W, S = _linear_args()
-    with kernels.allow_triton(False):
-        kernels.scaled_linear(C, W, S, transpose=True)
+    with rnf_fast.use_backend("torch"):
+        ops.scaled_linear(C, W, S, transpose=True)
         assert spy.calls == []
-        other = threading.Thread(target=kernels.scaled_linear, args=(C, W, S),
-                                 kwargs={"transpose": True})  # fmt: skip
+        other = threading.Thread(
+            target=ops.scaled_linear, args=(C, W, S), kwargs={"transpose": True}
+        )
         other.start()
         other.join()
         assert spy.calls == ["scaled_linear"]  # another thread keeps its own (default) setting
-    with pytest.raises(TypeError, match="allowed must be a bool"), kernels.allow_triton("no"):
+    with pytest.raises(ValueError, match="backend must be one of"), rnf_fast.use_backend(False):
         pass
 
 
 def test_real_device_check_routes_cuda_tensors_only(monkeypatch):
     spy = _spy(monkeypatch)
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda: None)  # as on a GPU box
     X, W, S = torch.randn(2, 3, 4), torch.randn(5, 4), torch.rand(2, 5)
-    kernels.scaled_linear(X, W, S)
+    ops.scaled_linear(X, W, S)
+    triton_backend.scaled_linear(X, W, S)  # the backend's own device check
     assert spy.calls == []  # CPU tensors never reach Triton
     with FakeTensorMode():
-        Xc, Wc, Sc = (torch.randn(2, 3, 4, device="cuda"), torch.randn(5, 4, device="cuda"),
-                      torch.rand(2, 5, device="cuda"))  # fmt: skip
-        out = kernels.scaled_linear(Xc, Wc, Sc)
+        Xc, Wc, Sc = (
+            torch.randn(2, 3, 4, device="cuda"),
+            torch.randn(5, 4, device="cuda"),
+            torch.rand(2, 5, device="cuda"),
+        )
+        out = ops.scaled_linear(Xc, Wc, Sc)
         assert spy.calls == ["scaled_linear"] and out.shape == (2, 3, 5)
         with rnf_fast.use_backend("torch"):
-            kernels.scaled_linear(Xc, Wc, Sc)
-        kernels.scaled_linear(Xc.double(), Wc.double(), Sc.double())
+            ops.scaled_linear(Xc, Wc, Sc)
+        ops.scaled_linear(Xc.double(), Wc.double(), Sc.double())
     assert spy.calls == ["scaled_linear"]  # not under "torch", not for float64
+
+
+def test_the_fallback_warning_points_at_the_caller(monkeypatch, triton_on_cpu):
+    # Through the dispatch the failure is two frames deeper than through the backend's op;
+    # both warnings name this file, where the op was called.
+    _spy(monkeypatch, BUILD_FAILURES["compile"])
+    with pytest.warns(triton_backend.TritonFallbackWarning) as caught:
+        ops.scaled_linear(*_linear_args(), transpose=True)
+    assert [w.filename for w in caught] == [__file__]
+    monkeypatch.setattr(triton_backend, "_failure", None)
+    with pytest.warns(triton_backend.TritonFallbackWarning) as caught:
+        triton_backend.gram(torch.randn(2, 5, 3))
+    assert [w.filename for w in caught] == [__file__]
+
+
+# ------------------------------------------------------------------ one dispatch, per op
+
+
+def test_a_backend_module_holds_its_own_ops_and_the_dispatch_fills_in_the_rest(monkeypatch):
+    monkeypatch.setattr(cpp_backend, "unavailable_reason", lambda: None)  # with or without _C
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda: None)  # as on a GPU box
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for module in (cpp_backend, triton_backend):  # no re-export of the reference's names
+        own = set(module.__all__) & set(reference.__all__)
+        assert own and all(getattr(module, op) is not getattr(reference, op) for op in own)
+    torch_ops = backends.get_backend("torch", cpu)[1]
+    assert all(getattr(torch_ops, op) is getattr(reference, op) for op in reference.__all__)
+    name, cpp_ops = backends.get_backend("cpp", cpu)
+    assert name == cpp_ops.name == "cpp"
+    assert cpp_ops.cg_update is cpp_backend.cg_update
+    assert cpp_ops.gram is reference.gram and cpp_ops.scaled_linear is reference.scaled_linear
+    triton_ops = backends.get_backend("triton", cuda)[1]
+    assert triton_ops.gram is triton_backend.gram
+    assert triton_ops.coupling_tangent is triton_backend.coupling_tangent
+    assert triton_ops.cholesky_logdet is cpp_backend.cholesky_logdet  # its base's
+    assert triton_ops.cg_init is reference.cg_init  # the reference's, past the base
+    assert triton_ops.JITTER_STEPS is reference.JITTER_STEPS
+    assert triton_ops.CGState is reference.CGState
+    with pytest.raises(AttributeError, match="backend 'triton' has no op 'unavailable_reason'"):
+        triton_ops.unavailable_reason  # noqa: B018 (a module helper, not an op)
+
+
+def test_the_reference_serves_every_device():
+    # "auto" for a device no compiled backend serves resolves to the reference.
+    assert rnf_fast.available_backends("meta") == ["torch"]
+    assert backends.get_backend(None, torch.device("meta"))[0] == "torch"
+    X, W = torch.randn(2, 3, 4, device="meta"), torch.randn(5, 4, device="meta")
+    assert ops.scaled_linear(X, W).shape == (2, 3, 5)
 
 
 def test_run_triton_names_the_op():
     with pytest.raises(ValueError, match="op must be one of"):
-        kernels.run_triton("matmul", torch.matmul, torch.eye(2), torch.eye(2))
+        triton_backend.run_triton("matmul", torch.matmul, torch.eye(2), torch.eye(2))
 
 
 # ------------------------------------------------------------------ rnf-fast info
@@ -426,7 +490,7 @@ def test_info_reports_switches_and_failures(monkeypatch, capsys):
     reason = cpp_backend.cuda_unavailable_reason()
     assert cuda_line.endswith(f"({reason})" if reason else "compiled CUDA kernels"), cuda_line
     monkeypatch.delenv("RNF_FAST_NO_TRITON")
-    monkeypatch.setattr(kernels, "_failure", "gram: CalledProcessError: gcc exited with 1")
+    monkeypatch.setattr(triton_backend, "_failure", "gram: CalledProcessError: gcc exited with 1")
     monkeypatch.setattr(triton_backend, "unavailable_reason", lambda: None)
     cli.main(["info"])
     out = capsys.readouterr().out

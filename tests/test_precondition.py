@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import rnf_fast
+from rnf_fast.engine.precondition import BATCH_PRECONDITIONER_ROWS
 from rnf_fast.testing import (
     SinSoftplusDecoder,
     dense_jacobian,
@@ -60,7 +61,7 @@ def test_full_orthogonal_probes_give_the_exact_value_and_gradient(name):
         return_info=True,
     )
     truth = dense_logdet(decoder, z)
-    assert info.preconditioner == ("given" if "per" in name or "shared" in name else name)
+    assert info.cg.preconditioner == ("given" if "per" in name or "shared" in name else name)
     assert rel_error(value.detach(), truth.detach()) < 1e-9
     for g, t in zip(grads(value, inputs), grads(truth, inputs)):
         assert rel_error(g, t) < 1e-9 or t.norm() == 0
@@ -87,8 +88,8 @@ def test_preconditioned_solution_is_a_inverse_l_eps(name):
     M = torch.diag_embed(torch.diagonal(A, dim1=1, dim2=2)) if name == "jacobi" else M
     V = eps @ torch.linalg.cholesky(M).transpose(1, 2)  # v = L ε
     U = torch.linalg.solve(A, V.transpose(1, 2)).transpose(1, 2)
-    assert bool(info.converged.all())
-    assert rel_error(info.solution, U.detach()) < 1e-8
+    assert bool(info.cg.converged.all())
+    assert rel_error(info.cg.solution, U.detach()) < 1e-8
 
 
 @pytest.mark.parametrize("name", ["batch", "dense per sample"])
@@ -111,8 +112,21 @@ def test_preconditioned_gradient_is_unbiased(name):
     zscores = ((mean - exact) / se)[used]
     assert zscores.abs().max() < 4.5, f"max |z| = {zscores.abs().max():.2f}"
     assert (zscores**2).mean() < 1.5
-    # Power: w = ε instead of L⁻ᵀ ε (forgetting the preconditioner in the JVP) is detected.
+    # Power: a mean gradient half the right one (the factor 2 dropped) would be detected.
     assert (((0.5 * mean - exact) / se)[used] ** 2).mean() > 6
+    # Power: w = ε instead of L⁻ᵀ ε (the preconditioner forgotten in the differentiable JVP)
+    # would be detected. With u = A⁻¹ L ε that estimator's mean is the gradient of
+    # 2 tr(Lᵀ stopgrad(A⁻¹ Jᵀ) J), not of log det A.
+    J = dense_jacobian(decoder, z)
+    Jd = J.detach()
+    A = Jd.transpose(1, 2) @ Jd
+    M = A[:BATCH_PRECONDITIONER_ROWS].mean(0, keepdim=True) if name == "batch" else M
+    L = torch.linalg.cholesky(M).expand(2, 5, 5)
+    inv_A_JT = torch.linalg.solve(A, Jd.transpose(1, 2))  # (B, d, D)
+    forgotten = 2.0 * ((L.transpose(1, 2) @ inv_A_JT) * J.transpose(1, 2)).sum((1, 2))
+    wrong = torch.cat([g.flatten() for g in grads(forgotten, inputs)])
+    assert rel_error(wrong, exact) > 0.1
+    assert (((mean - wrong) / se)[used] ** 2).mean() > 6
 
 
 @pytest.mark.parametrize("name", ["jacobi", "dense per sample"])
@@ -149,18 +163,18 @@ def test_warm_start_keeps_the_solution_and_reports_no_value():
     eps = torch.randn(4, 2, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     kw = dict(method="cg", probes=eps, tol=1e-11, return_info=True)
     cold, cold_info = rnf_fast.logdet_grad(decoder, z, **kw)
-    x0 = cold_info.solution + 1e-3 * torch.randn_like(cold_info.solution)
+    x0 = cold_info.cg.solution + 1e-3 * torch.randn_like(cold_info.cg.solution)
     warm, warm_info = rnf_fast.logdet_grad(decoder, z, x0=x0, **kw)
     assert cold_info.value_available and bool(torch.isfinite(cold).all())
     assert not warm_info.value_available and "warm start" in warm_info.value_unavailable_reason
     assert bool(torch.isnan(warm.detach()).all())
-    assert bool(warm_info.converged.all())
-    assert rel_error(warm_info.solution, cold_info.solution) < 1e-9
+    assert bool(warm_info.cg.converged.all())
+    assert rel_error(warm_info.cg.solution, cold_info.cg.solution) < 1e-9
     for g, t in zip(grads(warm, inputs), grads(cold, inputs)):
         assert rel_error(g, t) < 1e-9 or t.norm() == 0
     # The exact solution as x0: no iteration, one matvec (the initial residual).
-    _, exact_info = rnf_fast.logdet_grad(decoder, z, x0=cold_info.solution, **kw)
-    assert exact_info.matvecs == 1 and int(exact_info.cg_iterations.sum()) == 0
+    _, exact_info = rnf_fast.logdet_grad(decoder, z, x0=cold_info.cg.solution, **kw)
+    assert exact_info.cg.matvecs == 1 and int(exact_info.cg.iterations.sum()) == 0
 
 
 def test_warm_start_with_preconditioner_meets_the_tolerance():
@@ -171,12 +185,12 @@ def test_warm_start_with_preconditioner_meets_the_tolerance():
     eps = torch.randn(5, 2, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     kw = dict(method="cg", probes=eps, preconditioner="jacobi", return_info=True)
     _, cold = rnf_fast.logdet_grad(decoder, z, tol=1e-12, max_iter=20, **kw)
-    x0 = cold.solution * 1.05
+    x0 = cold.cg.solution * 1.05
     _, warm = rnf_fast.logdet_grad(decoder, z, tol=1e-2, x0=x0, **kw)
-    assert bool((warm.residuals <= 1e-2).all())
-    assert rel_error(warm.solution, cold.solution) < 0.05
+    assert bool((warm.cg.residuals <= 1e-2).all())
+    assert rel_error(warm.cg.solution, cold.cg.solution) < 0.05
     _, cold_loose = rnf_fast.logdet_grad(decoder, z, tol=1e-2, **kw)
-    assert int(warm.cg_iterations.sum()) < int(cold_loose.cg_iterations.sum())
+    assert int(warm.cg.iterations.sum()) < int(cold_loose.cg.iterations.sum())
 
 
 _SYNCS = ("__bool__", "item", "tolist", "__int__", "__float__", "numpy")
@@ -186,10 +200,8 @@ _SYNCS = ("__bool__", "item", "tolist", "__int__", "__float__", "numpy")
 def test_fixed_iterations_do_not_synchronise_inside_cg(monkeypatch):
     # On CPU there is no sync debug mode: make every host read of a tensor raise while the
     # CG solve runs (matvecs through the linearization, preconditioner, updates, warm start).
-    logdet_module = importlib.import_module(
-        "rnf_fast.engine.api"
-    )  # the package re-exports a function
-    real_cg = logdet_module.batched_cg
+    stochastic = importlib.import_module("rnf_fast.engine.stochastic")
+    real_cg = stochastic.batched_cg
     calls = []
 
     def guarded(*args, **kwargs):
@@ -203,7 +215,7 @@ def test_fixed_iterations_do_not_synchronise_inside_cg(monkeypatch):
         calls.append(result.matvecs)
         return result
 
-    monkeypatch.setattr(logdet_module, "batched_cg", guarded)
+    monkeypatch.setattr(stochastic, "batched_cg", guarded)
     decoder = mlp_decoder(5, 9)
     inputs, z = _params_and_z(decoder, 3, 5)
     V = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

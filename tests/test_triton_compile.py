@@ -38,8 +38,7 @@ def configurations() -> list[tuple[str, object, dict, dict, int]]:
     """(label, kernel, signature, constexprs, num_warps) for every configuration the launchers
     of rnf_fast.kernels can launch."""
     import torch
-
-    from kernels import cg, coupling, gram, linear
+    from rnf_fast.kernels import cg, coupling, gram, linear
 
     configs = []
     f32 = "*fp32"
@@ -48,16 +47,24 @@ def configurations() -> list[tuple[str, object, dict, dict, int]]:
             for block_n in linear.BLOCK_N_CHOICES:
                 sig = {a: f32 for a in ("x_ptr", "w_ptr", "s_ptr", "y_ptr")}
                 sig |= {a: "i32" for a in ("M", "N", "R", "K", "stride_wr", "stride_wn")}
-                const = {"HAS_SCALE": has_scale, "TRANSPOSE": transpose, "BLOCK_M": linear.BLOCK_M,
-                         "BLOCK_N": block_n, "BLOCK_K": linear.BLOCK_K}  # fmt: skip
+                const = {
+                    "HAS_SCALE": has_scale,
+                    "TRANSPOSE": transpose,
+                    "BLOCK_M": linear.BLOCK_M,
+                    "BLOCK_N": block_n,
+                    "BLOCK_R": linear.BLOCK_R,
+                }
                 label = f"scaled_linear transpose={transpose} scale={has_scale} BLOCK_N={block_n}"
                 configs.append((label, linear._scaled_linear_kernel, sig, const, 4))
     for transpose in (False, True):
         for block_p in coupling.BLOCK_P_CHOICES:
             names = ("t_ptr", "th_ptr", "dx_ptr", "dth_ptr", "out_ptr", "out_th_ptr")
             sig = {a: f32 for a in names} | {a: "i32" for a in ("K", "m", "P")}
-            const = {"TRANSPOSE": transpose, "BLOCK_M": coupling.BLOCK_ELEMENTS // block_p,
-                     "BLOCK_P": block_p}  # fmt: skip
+            const = {
+                "TRANSPOSE": transpose,
+                "BLOCK_M": coupling.BLOCK_ELEMENTS // block_p,
+                "BLOCK_P": block_p,
+            }
             label = f"coupling transpose={transpose} BLOCK_P={block_p}"
             configs.append((label, coupling._coupling_kernel, sig, const, 4))
     for dtype, choices in gram.CONFIGS.items():
@@ -97,9 +104,9 @@ def compile_one(kernel, sig: dict, const: dict, num_warps: int) -> str | None:
 
 def control_rejected() -> bool:
     """Whether the check has teeth: scaled_linear with a reduction block of 8 (which the
-    interpreter runs) must fail to compile (tl.dot needs K >= 16)."""
+    interpreter runs) must fail to compile (tl.dot needs every dimension >= 16)."""
     label, kernel, sig, const, num_warps = configurations()[0]
-    return compile_one(kernel, sig, const | {"BLOCK_K": 8}, num_warps) is not None
+    return compile_one(kernel, sig, const | {"BLOCK_R": 8}, num_warps) is not None
 
 
 def _installed_triton() -> str | None:
@@ -139,12 +146,18 @@ def test_every_kernel_configuration_compiles_for_sm90(tmp_path, triton_path, ver
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, __file__, str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["triton"] == version, f"the check imported Triton {result['triton']}"
-    assert result["control_rejected"], "a tl.dot with K = 8 compiled: the check proves nothing"
+    assert result["control_rejected"], (
+        "a tl.dot with a reduction block of 8 compiled: the check proves nothing"
+    )
     assert result["compiled"] >= 25, result
     assert not result["failures"], "\n".join(f"{k}: {v}" for k, v in result["failures"].items())
 

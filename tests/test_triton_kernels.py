@@ -5,19 +5,18 @@ against their references (marked ``cuda``)."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import os
 import subprocess
 import sys
-from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import torch
-from rnf_fast.kernels import reference as kernel_reference
 
 import rnf_fast
-from rnf_fast import kernels
+from rnf_fast import ops
 from rnf_fast.ops import reference
 from rnf_fast.ops import triton as triton_backend
 from rnf_fast.testing import assert_within_2x, cg_agreement, mlp_decoder
@@ -34,10 +33,24 @@ def test_kernels_pass_under_the_interpreter(tmp_path):
     # TRITON_INTERPRET=1 must precede Triton's import: a fresh process runs the directory.
     env = os.environ | {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/kernels_interp", "-q", "-x",
-         "-p", "no:cacheprovider", "-p", "no:randomly"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/kernels_interp",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     assert " passed" in tail and "skipped" not in tail.splitlines()[-1], tail
@@ -73,11 +86,11 @@ def test_rnf_fast_runs_without_loading_the_kernel_modules():
     # On CPU nothing loads a Triton kernel module (so nothing of ours imports Triton).
     code = (
         "import sys, torch, rnf_fast\n"
-        "from rnf_fast import kernels\n"
+        "from rnf_fast import ops\n"
         "from rnf_fast.testing import mlp_decoder\n"
         "X, W, S = torch.randn(2, 3, 4), torch.randn(5, 4), torch.rand(2, 5)\n"
-        "kernels.scaled_linear(X, W, S)\n"
-        "kernels.coupling_cotangent(torch.randn(2, 3, 5), torch.rand(2, 5), torch.randn(2, 5, 2))\n"
+        "ops.scaled_linear(X, W, S)\n"
+        "ops.coupling_cotangent(torch.randn(2, 3, 5), torch.rand(2, 5), torch.randn(2, 5, 2))\n"
         "rnf_fast.logdet_grad(mlp_decoder(2, 4), torch.randn(3, 2).double(), method='cg').sum()\n"
         "rnf_fast.backend_report()\n"
         f"loaded = [m for m in {TRITON_MODULES!r} if 'rnf_fast.kernels.' + m in sys.modules]\n"
@@ -87,41 +100,92 @@ def test_rnf_fast_runs_without_loading_the_kernel_modules():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_dispatch_on_cpu_is_the_reference():
+def _record_reference_calls(monkeypatch, *names):
+    """Wrap the reference ops ``names``: each call is recorded as (name, its result)."""
+    calls = []
+
+    def spy(name, original):
+        def op(*args, **kwargs):
+            out = original(*args, **kwargs)
+            calls.append((name, out))
+            return out
+
+        return op
+
+    for name in names:
+        monkeypatch.setattr(reference, name, spy(name, getattr(reference, name)))
+    return calls
+
+
+def _no_kernel(op):
+    raise AssertionError(f"the Triton kernel {op} was launched for CPU tensors")
+
+
+MATVEC_OPS = ("scaled_linear", "coupling_tangent", "coupling_cotangent")
+
+
+def _matvec_calls(module):
+    """Call every matvec op of ``module`` on small CPU float32 tensors; returns the results."""
     X, W, S = torch.randn(2, 3, 4), torch.randn(5, 4), torch.rand(2, 5)
-    for transpose in (False, True):
-        x = torch.randn(2, 3, 5) if transpose else X
-        assert torch.equal(
-            kernels.scaled_linear(x, W, S, transpose=transpose),
-            kernel_reference.scaled_linear(x, W, S, transpose=transpose),
-        )
-    assert torch.equal(kernels.scaled_linear(X, W), X @ W.T)
     dy_dx, dy_dtheta = torch.rand(2, 5), torch.randn(2, 5, 3)
     dx_t, dtheta = torch.randn(2, 3, 5), torch.randn(2, 3, 5, 3)
-    assert torch.equal(
-        kernels.coupling_tangent(dx_t, dtheta, dy_dx, dy_dtheta),
-        kernel_reference.coupling_tangent(dx_t, dtheta, dy_dx, dy_dtheta),
-    )
-    got = kernels.coupling_cotangent(dx_t, dy_dx, dy_dtheta)
-    want = kernel_reference.coupling_cotangent(dx_t, dy_dx, dy_dtheta)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    return [
+        module.scaled_linear(X, W, S),
+        module.scaled_linear(dx_t, W, S, transpose=True),
+        module.coupling_tangent(dx_t, dtheta, dy_dx, dy_dtheta),
+        module.coupling_cotangent(dx_t, dy_dx, dy_dtheta),
+    ]
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "cpp", "auto"])
+def test_dispatch_on_cpu_routes_to_the_reference(monkeypatch, backend):
+    # Spies, not a comparison of the reference with itself: every call must reach the
+    # reference, return its very result, and launch no kernel.
+    monkeypatch.setattr(triton_backend, "_kernel", _no_kernel)
+    calls = _record_reference_calls(monkeypatch, *MATVEC_OPS)
+    if backend == "cpp" and "cpp" not in rnf_fast.available_backends("cpu"):
+        pytest.skip("the extension rnf_fast._C is not built")
+    with contextlib.nullcontext() if backend is None else rnf_fast.use_backend(backend):
+        got = _matvec_calls(ops)
+    assert [name for name, _ in calls] == ["scaled_linear", "scaled_linear", *MATVEC_OPS[1:]]
+    assert all(g is out for g, (_, out) in zip(got, calls))
+
+
+def test_triton_backend_falls_back_to_the_reference_off_cuda(monkeypatch):
+    # The "triton" ops on CPU tensors: no launch, the reference's result (spied), and the CG
+    # state advanced by the reference.
+    monkeypatch.setattr(triton_backend, "_kernel", _no_kernel)
+    calls = _record_reference_calls(monkeypatch, *MATVEC_OPS, "gram", "cg_update")
+    got = _matvec_calls(triton_backend)
+    J = torch.randn(3, 10, 4)
+    got.append(triton_backend.gram(J))
+    A, b = _spd_systems(5, 4, torch.float64)
+    state = reference.cg_init(b, 4)
+    alpha = triton_backend.cg_update(state, (A @ state.p.unsqueeze(-1)).squeeze(-1), 1e-6)
+    names = [name for name, _ in calls]
+    assert names == ["scaled_linear", "scaled_linear", *MATVEC_OPS[1:], "gram", "cg_update"]
+    assert all(g is out for g, (_, out) in zip([*got, alpha], calls))
+    assert state.it == 1
 
 
 def test_kernel_references_match_dense_float64_truth():
     # The references are the spec: check them against the maps they claim, built densely.
     B, K, n_in, n_out, m, P = 2, 3, 4, 5, 6, 3
-    X, W, S = (torch.randn(B, K, n_in, dtype=torch.float64), torch.randn(n_out, n_in,
-               dtype=torch.float64), torch.rand(B, n_out, dtype=torch.float64))  # fmt: skip
+    X, W, S = (
+        torch.randn(B, K, n_in, dtype=torch.float64),
+        torch.randn(n_out, n_in, dtype=torch.float64),
+        torch.rand(B, n_out, dtype=torch.float64),
+    )
     Y = torch.einsum("bki,oi,bo->bko", X, W, S)
-    torch.testing.assert_close(kernel_reference.scaled_linear(X, W, S), Y)
+    torch.testing.assert_close(reference.scaled_linear(X, W, S), Y)
     C = torch.randn(B, K, n_out, dtype=torch.float64)
     torch.testing.assert_close(
-        kernel_reference.scaled_linear(C, W, S, transpose=True),
+        reference.scaled_linear(C, W, S, transpose=True),
         torch.einsum("bko,oi,bo->bki", C, W, S),
     )
     # ⟨C, scaled_linear(X)⟩ = ⟨scaled_linear(C, transpose), X⟩: the two directions are adjoint.
-    lhs = (C * kernel_reference.scaled_linear(X, W, S)).sum()
-    rhs = (kernel_reference.scaled_linear(C, W, S, transpose=True) * X).sum()
+    lhs = (C * reference.scaled_linear(X, W, S)).sum()
+    rhs = (reference.scaled_linear(C, W, S, transpose=True) * X).sum()
     torch.testing.assert_close(lhs, rhs)
     dy_dx, dy_dtheta = (
         torch.rand(B, m, dtype=torch.float64),
@@ -131,9 +195,9 @@ def test_kernel_references_match_dense_float64_truth():
         torch.randn(B, K, m, dtype=torch.float64),
         torch.randn(B, K, m, P, dtype=torch.float64),
     )
-    ydot = kernel_reference.coupling_tangent(dx_t, dtheta, dy_dx, dy_dtheta)
+    ydot = reference.coupling_tangent(dx_t, dtheta, dy_dx, dy_dtheta)
     dy_t = torch.randn(B, K, m, dtype=torch.float64)
-    xbar, thbar = kernel_reference.coupling_cotangent(dy_t, dy_dx, dy_dtheta)
+    xbar, thbar = reference.coupling_cotangent(dy_t, dy_dx, dy_dtheta)
     torch.testing.assert_close((dy_t * ydot).sum(), (xbar * dx_t).sum() + (thbar * dtheta).sum())
 
 
@@ -157,27 +221,10 @@ def test_triton_backend_is_registered_for_cuda_only(monkeypatch):
         rnf_fast.ops.dispatch.get_backend("triton", torch.device("cpu"))
 
 
-def _clone(state):
-    return replace(state, **{f.name: getattr(state, f.name).clone() for f in fields(state)
-                             if isinstance(getattr(state, f.name), torch.Tensor)})  # fmt: skip
-
-
 def _spd_systems(N, d, dtype, device="cpu"):
     G = torch.randn(N, d, d, dtype=torch.float64)
     A = G @ G.transpose(1, 2) / d + 0.5 * torch.eye(d, dtype=torch.float64)
     return A.to(dtype=dtype, device=device), torch.randn(N, d, dtype=dtype, device=device)
-
-
-def test_triton_backend_falls_back_to_the_reference_off_cuda():
-    J = torch.randn(3, 10, 4)
-    assert torch.equal(triton_backend.gram(J), reference.gram(J))
-    A, b = _spd_systems(5, 4, torch.float64)
-    ours, ref = reference.cg_init(b, 4), reference.cg_init(b, 4)
-    for _ in range(4):
-        a1 = triton_backend.cg_update(ours, (A @ ours.p.unsqueeze(-1)).squeeze(-1), 1e-6)
-        a2 = reference.cg_update(ref, (A @ ref.p.unsqueeze(-1)).squeeze(-1), 1e-6)
-        assert torch.equal(a1, a2)
-    assert torch.equal(ours.x, ref.x) and torch.equal(ours.alphas, ref.alphas)
 
 
 # ---------------------------------------------------------------- on a CUDA device
@@ -194,10 +241,11 @@ def test_scaled_linear_on_cuda(transpose):
     X = torch.randn(B, K, n_out if transpose else n_in, device=dev)
     W = torch.randn(n_out, n_in, device=dev) / n_in**0.5
     S = torch.rand(B, n_out, device=dev)
-    got = kernels.scaled_linear(X, W, S, transpose=transpose)
-    ref = kernel_reference.scaled_linear(X, W, S, transpose=transpose)
-    truth = kernel_reference.scaled_linear(X.double(), W.double(), S.double(), transpose=transpose)
+    got = triton_backend.scaled_linear(X, W, S, transpose=transpose)
+    ref = reference.scaled_linear(X, W, S, transpose=transpose)
+    truth = reference.scaled_linear(X.double(), W.double(), S.double(), transpose=transpose)
     assert_within_2x("scaled_linear", got, ref, truth)
+    assert triton_backend.triton_failure() is None  # the kernel ran, not the fallback
 
 
 @pytest.mark.cuda
@@ -209,14 +257,18 @@ def test_coupling_on_cuda(P):
     dy_dx, dy_dtheta = torch.rand(B, m, device=dev), torch.randn(B, m, P, device=dev)
     dx_t, dtheta = torch.randn(B, K, m, device=dev), torch.randn(B, K, m, P, device=dev)
     args = (dx_t, dtheta, dy_dx, dy_dtheta)
-    assert_within_2x("coupling_tangent", kernels.coupling_tangent(*args),
-                     kernel_reference.coupling_tangent(*args),
-                     kernel_reference.coupling_tangent(*(a.double() for a in args)))  # fmt: skip
-    got = kernels.coupling_cotangent(dx_t, dy_dx, dy_dtheta)
-    ref = kernel_reference.coupling_cotangent(dx_t, dy_dx, dy_dtheta)
-    truth = kernel_reference.coupling_cotangent(dx_t.double(), dy_dx.double(), dy_dtheta.double())
+    assert_within_2x(
+        "coupling_tangent",
+        triton_backend.coupling_tangent(*args),
+        reference.coupling_tangent(*args),
+        reference.coupling_tangent(*(a.double() for a in args)),
+    )
+    got = triton_backend.coupling_cotangent(dx_t, dy_dx, dy_dtheta)
+    ref = reference.coupling_cotangent(dx_t, dy_dx, dy_dtheta)
+    truth = reference.coupling_cotangent(dx_t.double(), dy_dx.double(), dy_dtheta.double())
     for g, r, t in zip(got, ref, truth):
         assert_within_2x("coupling_cotangent", g, r, t)
+    assert triton_backend.triton_failure() is None
 
 
 @pytest.mark.cuda
@@ -232,6 +284,7 @@ def test_gram_on_cuda(dtype, d):
         torch.testing.assert_close(got, reference.gram(J))
     else:
         assert_within_2x("gram", got, reference.gram(J), truth)
+    assert triton_backend.triton_failure() is None
 
 
 @pytest.mark.cuda
@@ -244,6 +297,7 @@ def test_cg_update_on_cuda_agrees_with_the_reference(dtype, d):
     A, b = _spd_systems(2000, d, dtype, "cuda")
     report = cg_agreement(triton_backend.cg_update, A, b)
     print(f"triton cg_update {dtype} d={d}: {report}")
+    assert triton_backend.triton_failure() is None
 
 
 @pytest.mark.cuda

@@ -1,7 +1,8 @@
-// One fused CG step with Lanczos bookkeeping, CUDA: one warp per system, lanes over d.
+// One fused CG step with Lanczos bookkeeping, CUDA: one warp per system, lanes over d (the
+// scalar bookkeeping is shared with the CPU kernel: system_math.h).
 #include <cuda_runtime.h>
 
-#include "../ops.h"
+#include "../system_math.h"
 
 namespace rnf_fast {
 namespace {
@@ -29,35 +30,20 @@ __global__ void cg_update_kernel(CGView<T> s, const T* __restrict__ Ap, T* __res
   const T* ap = Ap + n * d;
   T part = T(0);
   for (int64_t i = lane; i < d; i += kWarp) part += p[i] * ap[i];
-  const T pAp = warp_sum(part);
-  const bool active = s.active[n];
-  const bool ok = active && pAp > T(0);  // NaN curvature is a breakdown too
-  const T rr = s.rr[n];
-  const T a = ok ? rr / pAp : T(0);
+  const CGAlpha<T> a = cg_alpha(s, n, warp_sum(part));
   // Every system is updated, as in the reference (x + 0·p keeps NaN in p visible).
   part = T(0);
   for (int64_t i = lane; i < d; i += kWarp) {
-    x[i] += a * p[i];
-    const T ri = r[i] - a * ap[i];
+    x[i] += a.alpha * p[i];
+    const T ri = r[i] - a.alpha * ap[i];
     r[i] = ri;
     part += ri * ri;
   }
-  T rr_new = warp_sum(part);
-  if (!ok) rr_new = rr;
-  const T b = ok ? rr_new / rr : T(0);
-  const bool still = ok && rr_new > tol2 * s.bb[n];
-  if (still) {
-    for (int64_t i = lane; i < d; i += kWarp) p[i] = r[i] + b * p[i];
+  const CGBeta<T> b = cg_beta(s, n, a, warp_sum(part), tol2);
+  if (b.still) {
+    for (int64_t i = lane; i < d; i += kWarp) p[i] = r[i] + b.beta * p[i];
   }
-  if (lane == 0) {
-    s.breakdown[n] = s.breakdown[n] || (active && !ok);
-    s.alphas[n * max_iter + it] = a;
-    s.betas[n * max_iter + it] = b;
-    s.steps[n] += ok ? 1 : 0;
-    s.rr[n] = rr_new;
-    s.active[n] = still;
-    alpha[n] = a;
-  }
+  if (lane == 0) cg_record(s, n, a, b, alpha, max_iter, it);
 }
 
 }  // namespace

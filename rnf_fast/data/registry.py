@@ -1,5 +1,9 @@
 """The `Dataset` result type, the `Standardizer`, seeded splits, and the name → loader table.
 
+`Split` holds the options every loader takes (n_train, n_val, n_test, seed, dtype): a loader
+builds it once from its arguments and hands it to the shared steps (`Split.shuffle`,
+`Split.cap`, `Split.tensors`).
+
 Every loader in `rnf_fast.data` returns a `Dataset`: float tensors (N, D) for train, val and test,
 plus what is known about the source (intrinsic dimension d, true density, entropy, image shape,
 class labels). `load_dataset(name, ...)` finds a loader by name; `available_datasets()` lists them.
@@ -24,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "Dataset",
+    "Split",
     "Standardizer",
     "available_datasets",
     "load_dataset",
@@ -85,9 +90,14 @@ class Dataset:
     def __repr__(self) -> str:
         sizes = "/".join(str(getattr(self, s).shape[0]) for s in ("train", "val", "test"))
         extra = "".join(
-            f", {k}={v!r}" for k, v in (("d", self.d), ("entropy", self.entropy),
-                                         ("image_shape", self.image_shape)) if v is not None
-        )  # fmt: skip
+            f", {k}={v!r}"
+            for k, v in (
+                ("d", self.d),
+                ("entropy", self.entropy),
+                ("image_shape", self.image_shape),
+            )
+            if v is not None
+        )
         return f"Dataset({self.name!r}, train/val/test={sizes}, D={self.D}{extra})"
 
     @property
@@ -292,6 +302,63 @@ def subsample(x: np.ndarray, n: int | None, *, seed: int, what: str = "n") -> np
     return x[idx]
 
 
+@dataclass(frozen=True)
+class Split:
+    """The split options of every loader: how many samples go where, the seed, the dtype.
+
+    Fields:
+        n_train: cap on the training set; None for all that is left (or the whole published
+            split).
+        n_val, n_test: counts or float fractions of N for sources split by a seeded shuffle;
+            int caps of the published splits (MAF sets); counts of sampled sources.
+        seed: seed of the shuffle, of the subsets or of the sampler.
+        dtype: float dtype of the returned tensors.
+
+    Example:
+        >>> train, val, test = Split(n_val=2, n_test=3).shuffle(np.arange(10.0)[:, None])[0]
+        >>> len(train), len(val), len(test)
+        (5, 2, 3)
+    """
+
+    n_train: int | None = None
+    n_val: int | float | None = None
+    n_test: int | float | None = None
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+
+    def shuffle(
+        self, x: np.ndarray, labels: np.ndarray | None = None
+    ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray | None, ...]]:
+        """`random_split` of x (N, ...) and its labels (N,) with these options."""
+        return random_split(
+            x,
+            labels=labels,
+            n_train=self.n_train,
+            n_val=self.n_val,
+            n_test=self.n_test,
+            seed=self.seed,
+        )
+
+    def cap(self, splits: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Caps published (train, val, test) splits at n_train, n_val, n_test rows: a seeded
+        subset (seed, seed + 1, seed + 2), for quick runs. The caps must be ints or None."""
+        caps = (("n_train", self.n_train), ("n_val", self.n_val), ("n_test", self.n_test))
+        for what, n in caps:
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+                raise ValueError(f"{what} caps a published split and must be an int, got {n!r}")
+        return [
+            subsample(x, n, seed=self.seed + i, what=what)
+            for i, (x, (what, n)) in enumerate(zip(splits, caps))
+        ]
+
+    def tensors(self, splits: Sequence[np.ndarray]) -> tuple[Tensor, ...]:
+        """The splits as tensors of this dtype (through float64, made contiguous)."""
+        return tuple(
+            torch.as_tensor(np.ascontiguousarray(s, dtype=np.float64), dtype=self.dtype)
+            for s in splits
+        )
+
+
 def optional_import(module: str, *, extra: str, purpose: str) -> Any:
     """Imports an optional dependency, or raises ImportError saying how to install it."""
     try:
@@ -303,7 +370,6 @@ def optional_import(module: str, *, extra: str, purpose: str) -> Any:
 
 
 # name -> ("module:function", one-line description)
-# fmt: off
 _LOADERS: dict[str, tuple[str, str]] = {
     "vonmises": ("synthetic:make_von_mises", "von Mises on the unit circle in R^2, d=1"),
     "vonmises-torus": ("synthetic:make_von_mises_torus", "von Mises flat torus (S^1)^d in R^2d"),
@@ -325,7 +391,6 @@ _LOADERS: dict[str, tuple[str, str]] = {
     "npy": ("tabular:load_npy", "user array (N, D) from the .npy file root"),
     "csv": ("tabular:load_csv", "user array (N, D) from the .csv file root, header optional"),
 }
-# fmt: on
 
 
 def available_datasets() -> dict[str, str]:
@@ -366,9 +431,16 @@ def load_dataset(
     params = inspect.signature(loader).parameters
     source = next((p for p in ("root", "path") if p in params), None)
     given = {
-        "seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
-        "classes": classes, "kappa": kappa, "d": d, "D": D, "dtype": dtype,
-    }  # fmt: skip
+        "seed": seed,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "classes": classes,
+        "kappa": kappa,
+        "d": d,
+        "D": D,
+        "dtype": dtype,
+    }
     rejected = [k for k, v in given.items() if v is not None and k not in params]
     if root is not None and source is None:
         rejected.insert(0, "root")

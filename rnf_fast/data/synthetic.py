@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rnf_fast.data.registry import Dataset
+from rnf_fast.data.registry import Dataset, Split
 
 __all__ = [
     "ManifoldDistribution",
     "VonMises",
     "VonMisesFisher",
     "make_manifold_dataset",
+    "sample_dataset",
     "make_von_mises",
     "make_von_mises_torus",
     "make_vmf_sphere",
@@ -215,8 +216,17 @@ def make_manifold_dataset(
     The Dataset carries d, the exact entropy, and true_log_prob / project from `dist`; they work
     in any float dtype (use float64 for accuracy checks). `info["distribution"]` is `dist`.
     """
+    return sample_dataset(dist, name, Split(n_train, n_val, n_test, seed, dtype), info=info)
+
+
+def sample_dataset(
+    dist: ManifoldDistribution, name: str, split: Split, *, info: dict | None = None
+) -> Dataset:
+    """`make_manifold_dataset` with its split options in one `Split` (counts n_train >= 1,
+    n_val, n_test >= 0; the sampler's seed; the dtype)."""
+    n_train, n_val, n_test, seed = split.n_train, split.n_val, split.n_test, split.seed
     _check_counts(n_train, n_val, n_test)
-    x = dist.sample(n_train + n_val + n_test, rng=np.random.default_rng(seed)).to(dtype)
+    x = dist.sample(n_train + n_val + n_test, rng=np.random.default_rng(seed)).to(split.dtype)
     train, val, test = (t.clone() for t in x.split([n_train, n_val, n_test]))
     return Dataset(
         name=name,
@@ -242,10 +252,8 @@ def make_von_mises(
     dtype: torch.dtype = torch.float32,
 ) -> Dataset:
     """Von Mises(mu, kappa) on the unit circle in R² (d = 1, D = 2); entropy 1.6274 at kappa = 1."""
-    dist = VonMises(kappa, mu)
-    return make_manifold_dataset(
-        dist, name="vonmises", n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, dtype=dtype
-    )
+    split = Split(n_train, n_val, n_test, seed, dtype)
+    return sample_dataset(VonMises(kappa, mu), "vonmises", split)
 
 
 def make_von_mises_torus(
@@ -272,15 +280,7 @@ def make_von_mises_torus(
                 f"{what} must be a number or a sequence of length d = {d}, got {v.size}"
             )
     dist = VonMises(np.broadcast_to(kappas, d), np.broadcast_to(mus, d))
-    return make_manifold_dataset(
-        dist,
-        name="vonmises-torus",
-        n_train=n_train,
-        n_val=n_val,
-        n_test=n_test,
-        seed=seed,
-        dtype=dtype,
-    )
+    return sample_dataset(dist, "vonmises-torus", Split(n_train, n_val, n_test, seed, dtype))
 
 
 def make_vmf_sphere(
@@ -295,6 +295,4 @@ def make_vmf_sphere(
 ) -> Dataset:
     """Von Mises–Fisher(mean_direction, kappa) on the sphere S² in R³ (d = 2, D = 3)."""
     dist = VonMisesFisher(kappa, mean_direction)
-    return make_manifold_dataset(
-        dist, name="vmf-sphere", n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, dtype=dtype
-    )
+    return sample_dataset(dist, "vmf-sphere", Split(n_train, n_val, n_test, seed, dtype))

@@ -11,12 +11,13 @@ the published ones; n_train / n_val / n_test only cap them (a seeded subset), fo
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rnf_fast.data.registry import Dataset, optional_import, random_split, subsample
+from rnf_fast.data.registry import Dataset, Split, optional_import
 
 __all__ = [
     "load_npy",
@@ -51,19 +52,15 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def _dataset(name: str, splits, *, dtype: torch.dtype, info: dict) -> Dataset:
-    train, val, test = (
-        torch.as_tensor(np.ascontiguousarray(s, dtype=np.float64), dtype=dtype) for s in splits
-    )
+def _dataset(name: str, splits, split: Split, info: dict) -> Dataset:
+    train, val, test = split.tensors(splits)
     return Dataset(name=name, train=train, val=val, test=test, info=info)
 
 
-def _user_table(
-    name: str, x: np.ndarray, path: Path, *, n_train, n_val, n_test, seed, dtype, info
-) -> Dataset:
-    x = _check_table(x, str(path))
-    splits, _ = random_split(x, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
-    return _dataset(name, splits, dtype=dtype, info={"path": str(path), "seed": seed, **info})
+def _user_table(name: str, x: np.ndarray, path: Path, split: Split, info: dict) -> Dataset:
+    """A user array (N, D) split by a seeded shuffle."""
+    splits, _ = split.shuffle(_check_table(x, str(path)))
+    return _dataset(name, splits, split, {"path": str(path), "seed": split.seed, **info})
 
 
 def load_npy(
@@ -78,9 +75,7 @@ def load_npy(
     """A user array (N, D) from a .npy file, split by a seeded shuffle (counts or fractions)."""
     path = _require_file(Path(path), "npy")
     x = np.load(path, allow_pickle=False)
-    return _user_table(
-        "npy", x, path, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, dtype=dtype, info={}
-    )
+    return _user_table("npy", x, path, Split(n_train, n_val, n_test, seed, dtype), {})
 
 
 def _has_header(path: Path, delimiter: str) -> bool:
@@ -124,10 +119,8 @@ def load_csv(
         raise ValueError(
             f"{path}: not a numeric table with delimiter {delimiter!r}: {err}"
         ) from err
-    return _user_table(
-        "csv", x, path, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, dtype=dtype,
-        info={"columns": columns},
-    )  # fmt: skip
+    split = Split(n_train, n_val, n_test, seed, dtype)
+    return _user_table("csv", x, path, split, {"columns": columns})
 
 
 def _tail_split(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -145,34 +138,43 @@ def _normalise_by_train_val(splits):
     return tuple((x - mu) / s for x in splits)
 
 
-def _maf_dataset(name, splits, *, root, n_train, n_val, n_test, seed, dtype) -> Dataset:
-    caps = (("n_train", n_train), ("n_val", n_val), ("n_test", n_test))
-    for what, n in caps:
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
-            raise ValueError(f"{what} caps a published split and must be an int, got {n!r}")
-    capped = [
-        subsample(x, n, seed=seed + i, what=what)
-        for i, (x, (what, n)) in enumerate(zip(splits, caps))
-    ]
-    return _dataset(name, capped, dtype=dtype, info={"root": str(root), "preprocessing": _MAF})
+_MAF_OPTIONS = """
+
+    n_train, n_val, n_test cap the published splits (a seeded subset, for quick runs: ints or
+    None for the whole split); seed seeds the subsets; dtype is that of the returned tensors."""
+Splits = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def load_power(
-    root: str | Path,
-    *,
-    n_train: int | None = None,
-    n_val: int | None = None,
-    n_test: int | None = None,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> Dataset:
+def _maf_loader(name: str, read: Callable[[Path], Splits]) -> Callable[..., Dataset]:
+    """The public loader of MAF set ``name``: ``read(root)`` gives its published splits, already
+    preprocessed; the loader caps them (:meth:`Split.cap`) and returns the `Dataset`. The
+    loader's docstring is the reader's, with the options appended."""
+
+    def load(
+        root: str | Path,
+        *,
+        n_train: int | None = None,
+        n_val: int | None = None,
+        n_test: int | None = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> Dataset:
+        split = Split(n_train, n_val, n_test, seed, dtype)
+        capped = split.cap(read(Path(root)))
+        return _dataset(name, capped, split, {"root": str(root), "preprocessing": _MAF})
+
+    load.__name__ = load.__qualname__ = f"load_{name}"
+    load.__doc__ = read.__doc__ + _MAF_OPTIONS
+    return load
+
+
+def _read_power(root: Path) -> Splits:
     """UCI household power (root/power/data.npy, (N, 8)) as in MAF: D = 6.
 
     Shuffle with RandomState(42); drop columns 3 (global intensity) and 1 (reactive power);
     add uniform noise (0.001 to gap, 0.01 to voltage, 1 to the three sub-meterings, 0 to time;
-    the same RandomState, in MAF's order); tail split; normalise by train+val mean/std.
-    """
-    path = _require_file(Path(root) / "power" / "data.npy", "POWER")
+    the same RandomState, in MAF's order); tail split; normalise by train+val mean/std."""
+    path = _require_file(root / "power" / "data.npy", "POWER")
     data = np.load(path, allow_pickle=False)
     if data.ndim != 2 or data.shape[1] != 8 or data.shape[0] < 20:
         raise ValueError(f"{path}: POWER data must be (N >= 20, 8), got {data.shape}")
@@ -185,35 +187,16 @@ def load_power(
     gap_noise = 0.001 * rng.rand(N, 1)
     sm_noise = rng.rand(N, 3)
     data = data + np.hstack((gap_noise, voltage_noise, sm_noise, np.zeros((N, 1))))
-    splits = _normalise_by_train_val(_tail_split(data))
-    return _maf_dataset(
-        "power",
-        splits,
-        root=root,
-        n_train=n_train,
-        n_val=n_val,
-        n_test=n_test,
-        seed=seed,
-        dtype=dtype,
-    )
+    return _normalise_by_train_val(_tail_split(data))
 
 
-def load_gas(
-    root: str | Path,
-    *,
-    n_train: int | None = None,
-    n_val: int | None = None,
-    n_test: int | None = None,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> Dataset:
+def _read_gas(root: Path) -> Splits:
     """UCI gas sensors, ethylene–CO (root/gas/ethylene_CO.pickle, a pandas pickle) as in MAF: D = 8.
 
     Drop the Meth, Eth and Time columns; while some column has a correlation > 0.98 with another,
     drop the first such column; normalise by the mean/std (ddof 1) of all rows; tail split.
-    Needs pandas.
-    """
-    path = _require_file(Path(root) / "gas" / "ethylene_CO.pickle", "GAS")
+    Needs pandas."""
+    path = _require_file(root / "gas" / "ethylene_CO.pickle", "GAS")
     pd = optional_import("pandas", extra="pandas", purpose="GAS (a pandas pickle)")
     data = pd.read_pickle(path).drop(columns=["Meth", "Eth", "Time"])
     while True:
@@ -222,10 +205,7 @@ def load_gas(
             break
         data = data.drop(columns=data.columns[np.flatnonzero(n_correlated > 1)[0]])
     data = ((data - data.mean()) / data.std()).to_numpy(dtype=np.float64)
-    return _maf_dataset(
-        "gas", _tail_split(_check_table(data, str(path))), root=root, n_train=n_train, n_val=n_val,
-        n_test=n_test, seed=seed, dtype=dtype,
-    )  # fmt: skip
+    return _tail_split(_check_table(data, str(path)))
 
 
 def _too_discrete(col: np.ndarray) -> bool:
@@ -233,24 +213,15 @@ def _too_discrete(col: np.ndarray) -> bool:
     return not np.all(np.isfinite(col)) or Counter(col.tolist())[col.min()] > 5
 
 
-def load_hepmass(
-    root: str | Path,
-    *,
-    n_train: int | None = None,
-    n_val: int | None = None,
-    n_test: int | None = None,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> Dataset:
+def _read_hepmass(root: Path) -> Splits:
     """UCI HEPMASS (root/hepmass/1000_train.csv, 1000_test.csv) as in MAF: D = 21.
 
     Keep the signal rows (first column == 1) and drop that column; drop the test file's last
     column (as MAF does); normalise both by the train mean/std (ddof 1), aligned by column name;
     drop every feature whose smallest value occurs more than 5 times in train (MAF's test for
     "too many re-occurring values"), and constant features, whose normalisation is undefined;
-    the last 10% of train is validation. Needs pandas.
-    """
-    folder = Path(root) / "hepmass"
+    the last 10% of train is validation. Needs pandas."""
+    folder = root / "hepmass"
     train_path = _require_file(folder / "1000_train.csv", "HEPMASS")
     test_path = _require_file(folder / "1000_test.csv", "HEPMASS")
     pd = optional_import("pandas", extra="pandas", purpose="HEPMASS (read with pandas)")
@@ -271,78 +242,39 @@ def load_hepmass(
         )
     n_held = int(0.1 * train.shape[0])
     cut = train.shape[0] - n_held
-    splits = (train[:cut], train[cut:], _check_table(test, str(test_path)))
-    return _maf_dataset(
-        "hepmass",
-        splits,
-        root=root,
-        n_train=n_train,
-        n_val=n_val,
-        n_test=n_test,
-        seed=seed,
-        dtype=dtype,
-    )
+    return train[:cut], train[cut:], _check_table(test, str(test_path))
 
 
-def load_miniboone(
-    root: str | Path,
-    *,
-    n_train: int | None = None,
-    n_val: int | None = None,
-    n_test: int | None = None,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> Dataset:
+def _read_miniboone(root: Path) -> Splits:
     """MiniBooNE (root/miniboone/data.npy, as cleaned by the MAF scripts) as in MAF: D = 43.
 
-    Tail split (no shuffle); normalise by the train+val mean/std (ddof 0).
-    """
-    path = _require_file(Path(root) / "miniboone" / "data.npy", "MINIBOONE")
+    Tail split (no shuffle); normalise by the train+val mean/std (ddof 0)."""
+    path = _require_file(root / "miniboone" / "data.npy", "MINIBOONE")
     data = _check_table(np.load(path, allow_pickle=False).astype(np.float64), str(path))
-    splits = _normalise_by_train_val(_tail_split(data))
-    return _maf_dataset(
-        "miniboone",
-        splits,
-        root=root,
-        n_train=n_train,
-        n_val=n_val,
-        n_test=n_test,
-        seed=seed,
-        dtype=dtype,
-    )
+    return _normalise_by_train_val(_tail_split(data))
 
 
-def load_bsds300(
-    root: str | Path,
-    *,
-    n_train: int | None = None,
-    n_val: int | None = None,
-    n_test: int | None = None,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> Dataset:
+def _read_bsds300(root: Path) -> Splits:
     """BSDS300 8×8 image patches (root/BSDS300/BSDS300.hdf5) as in MAF: D = 63.
 
     The "train", "validation" and "test" arrays are used as stored (MAF's file is already
-    preprocessed: grey levels dequantised, the mean removed, the last pixel dropped). Needs h5py.
-    """
-    path = _require_file(Path(root) / "BSDS300" / "BSDS300.hdf5", "BSDS300")
+    preprocessed: grey levels dequantised, the mean removed, the last pixel dropped). Needs
+    h5py."""
+    path = _require_file(root / "BSDS300" / "BSDS300.hdf5", "BSDS300")
     h5py = optional_import("h5py", extra="h5py", purpose="BSDS300 (an HDF5 file)")
     with h5py.File(path, "r") as f:
         missing = [k for k in ("train", "validation", "test") if k not in f]
         if missing:
             raise ValueError(f"{path}: missing datasets {missing}")
-        splits = [
+        train, val, test = (
             _check_table(np.asarray(f[k][()]), f"{path}[{k}]")
             for k in ("train", "validation", "test")
-        ]
-    return _maf_dataset(
-        "bsds300",
-        splits,
-        root=root,
-        n_train=n_train,
-        n_val=n_val,
-        n_test=n_test,
-        seed=seed,
-        dtype=dtype,
-    )
+        )
+    return train, val, test
+
+
+load_power = _maf_loader("power", _read_power)
+load_gas = _maf_loader("gas", _read_gas)
+load_hepmass = _maf_loader("hepmass", _read_hepmass)
+load_miniboone = _maf_loader("miniboone", _read_miniboone)
+load_bsds300 = _maf_loader("bsds300", _read_bsds300)

@@ -1,18 +1,44 @@
-"""The log-det engine: ``logdet_grad`` and ``logdet`` (api), the exact and stochastic estimators,
-batched CG with Lanczos bookkeeping, Hutchinson probes and CG preconditioners.
+"""The log-det engine: ``logdet_grad`` and ``logdet`` with their method options, the exact and
+stochastic estimators, the ``"auto"`` cost rule, batched CG with Lanczos bookkeeping, Hutchinson
+probes and CG preconditioners.
+
+=================  ===========================================================================
+module             holds
+=================  ===========================================================================
+``api``            :func:`logdet_grad`, :func:`logdet`, :class:`LogdetInfo`: one argument
+                   handling for both
+``options``        :class:`Exact`, :class:`CG` (a method's options as an object) and the
+                   mapping of the flat keywords onto them
+``checks``         input and output checks; singular samples and warnings at the user's call
+``estimator``      what the estimators share: the call :class:`~.estimator.Context`, the
+                   :class:`~.estimator.Estimate`
+``exact``          the exact estimator (Cholesky of JᵀJ) and its ``ExactInfo``
+``stochastic``     the CG estimator (Hutchinson, CG, SLQ value) and its ``CGInfo``
+``auto``           :func:`choose_method`, :func:`predicted_costs`, the measured cost model
+``cg``             batched conjugate gradients with Lanczos bookkeeping
+``probes``         :func:`make_probes`
+``precondition``   split preconditioners M = L Lᵀ of JᵀJ
+=================  ===========================================================================
 
 Layer: above :mod:`rnf_fast.linearize` (the decoder's J v, Jᵀ w) and :mod:`rnf_fast.ops` (the
 small numerical ops); below the models and training, which call :func:`logdet_grad`.
 """
 
-from .api import LogdetInfo, SingularJacobianError, choose_method, logdet, logdet_grad
+from .api import LogdetInfo, logdet, logdet_grad
+from .auto import choose_method, predicted_costs
+from .checks import SingularJacobianError
+from .options import CG, DEFAULT_CG_TOL, Exact
 from .probes import make_probes
 
 __all__ = [
+    "CG",
+    "DEFAULT_CG_TOL",
+    "Exact",
     "LogdetInfo",
     "SingularJacobianError",
     "choose_method",
     "logdet",
     "logdet_grad",
     "make_probes",
+    "predicted_costs",
 ]

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from ..ops.dispatch import get_backend
+from ..ops.dispatch import Backend, get_backend
 
 __all__ = ["CGResult", "batched_cg"]
 
@@ -50,7 +49,7 @@ class CGResult:
     alphas: Tensor
     betas: Tensor
     bb: Tensor
-    ops: ModuleType
+    ops: Backend
     warm_start: bool = False
 
     def logquad(self) -> Tensor:

@@ -99,13 +99,16 @@ class Preconditioner:
         return U @ self.L
 
 
-def check_preconditioner(preconditioner: object, B: int, d: int) -> None:
-    """Validate the ``preconditioner`` option of :func:`rnf_fast.logdet_grad` (shapes only).
+def check_preconditioner(
+    preconditioner: object, B: int | None = None, d: int | None = None
+) -> None:
+    """Validate the ``preconditioner`` option of :func:`rnf_fast.logdet_grad`: its kind, and
+    the shape of a tensor when B and d are given.
 
     Arguments:
-        preconditioner: None, a name of :data:`PRECONDITIONERS`, or a tensor M of shape
-            (d, d), (B, d, d), (d,) or (B, d).
-        B, d: batch size and latent dimension.
+        preconditioner: None, a name of :data:`PRECONDITIONERS`, or a floating-point tensor M
+            of shape (d, d), (B, d, d), (d,) or (B, d).
+        B, d: batch size and latent dimension, or None to check the kind only.
     """
     if preconditioner is None:
         return
@@ -121,11 +124,14 @@ def check_preconditioner(preconditioner: object, B: int, d: int) -> None:
             f"preconditioner must be None, one of {PRECONDITIONERS} or a tensor, got "
             f"{type(preconditioner).__name__}"
         )
-    if tuple(preconditioner.shape) not in ((d, d), (B, d, d), (d,), (B, d)):
-        raise ValueError(
-            f"preconditioner tensor must be (d, d) = ({d}, {d}), (B, d, d) = ({B}, {d}, {d}), "
-            f"(d,) = ({d},) or (B, d) = ({B}, {d}), got {tuple(preconditioner.shape)}"
-        )
+    if B is not None and d is not None:
+        shapes = ((d, d), (B, d, d), (d,), (B, d))
+        if tuple(preconditioner.shape) not in shapes:
+            raise ValueError(
+                f"preconditioner tensor must be (d, d) = ({d}, {d}), (B, d, d) = "
+                f"({B}, {d}, {d}), (d,) = ({d},) or (B, d) = ({B}, {d}), got "
+                f"{tuple(preconditioner.shape)}"
+            )
     if not preconditioner.is_floating_point():
         raise TypeError(
             f"preconditioner must be a floating-point tensor, got {preconditioner.dtype}"
@@ -152,8 +158,8 @@ def _from_matrix(M: Tensor, kind: str) -> Preconditioner:
 
 def _gram_of_rows(lin: Linearization, n: int, d: int, dtype: torch.dtype) -> Tensor:
     """(n, d, d) exact Gram matrices from d tangents per row, no graph."""
-    E = torch.eye(d, dtype=lin.z.dtype, device=lin.z.device).expand(n, d, d)
-    JT = lin.jvp(E).to(dtype)  # (n, d, D): JT[:, k] = J e_k
+    basis = torch.eye(d, dtype=lin.z.dtype, device=lin.z.device).expand(n, d, d)
+    JT = lin.jvp(basis).to(dtype)  # (n, d, D): JT[:, k] = J e_k
     return JT @ JT.transpose(1, 2)
 
 
@@ -189,8 +195,8 @@ def build_preconditioner(
                 M = M.unsqueeze(0)
             return _from_matrix(M, "given")
         if preconditioner == "jacobi":
-            E = torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)
-            diag = (lin.jvp(E).to(dtype) ** 2).sum(-1)
+            basis = torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)
+            diag = (lin.jvp(basis).to(dtype) ** 2).sum(-1)
             # A zero column of J (A singular) is left for CG to report: floor it, do not fail.
             floor = torch.finfo(dtype).eps * diag.mean(-1, keepdim=True)
             return _from_matrix(

@@ -24,7 +24,7 @@ from rnf_fast.engine.api import logdet
 from rnf_fast.evaluation.metrics import frechet_distance, ood_auroc
 from rnf_fast.flows.base import Compose, Inverse
 from rnf_fast.flows.preprocess import Logit
-from rnf_fast.linearize.flows import PaddedFlowLinearization
+from rnf_fast.linearize.flows import PaddedFlowDecoder
 
 __all__ = [
     "CLASSIFIER_DEFAULTS",
@@ -215,28 +215,12 @@ def logit_space_log_prob(model: Any, x: Tensor, *, chunk_size: int = 256) -> Ten
     _, core = parts
     # The padding of RectangularFlow.decode, followed by f without its final logit⁻¹, with the
     # explicit linearization of the same layers.
-    decode_logit = _PaddedDecoder((model.pad_permutation, Inverse(core)), d=model.d, D=model.D)
+    decode_logit = PaddedFlowDecoder((model.pad_permutation, Inverse(core)), D=model.D)
     out = []
     for chunk in x.split(chunk_size):
         z = model.encode(chunk)
         out.append(model.latent_log_prob(z) - 0.5 * logdet(decode_logit, z, method="exact"))
     return torch.cat(out)
-
-
-class _PaddedDecoder:
-    """z -> flows[-1](…flows[0]((z, 0))…), with :meth:`linearize` for the log-det engine."""
-
-    def __init__(self, flows: tuple, *, d: int, D: int) -> None:
-        self.flows, self.d, self.D = flows, d, D
-
-    def __call__(self, z: Tensor) -> Tensor:
-        x = torch.cat([z, z.new_zeros(z.shape[0], self.D - self.d)], dim=1)
-        for flow in self.flows:
-            x, _ = flow(x)
-        return x
-
-    def linearize(self, z: Tensor) -> PaddedFlowLinearization:
-        return PaddedFlowLinearization(z, flows=self.flows, D=self.D)
 
 
 def _finite_rows(x: Tensor) -> Tensor:

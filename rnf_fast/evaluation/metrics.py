@@ -12,11 +12,17 @@ tensors in model units) will do. When the model was trained on standardised data
 ``Standardizer``: inputs are then taken in data units and every result is in data units.
 
 Example:
+    >>> import torch
+    >>> from rnf_fast.evaluation import auroc, frechet_distance
     >>> x = torch.randn(500, 3, dtype=torch.float64)
     >>> round(frechet_distance(x, x), 12)
     0.0
-    >>> auroc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0]))
+    >>> round(frechet_distance(x, x + 2.0), 12)  # a shift by m adds ‖m‖² = 3 · 2²
+    12.0
+    >>> auroc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0]))  # out-scores all larger
     1.0
+    >>> auroc(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 3.0]))  # 3 of the 4 pairs
+    0.75
 """
 
 from __future__ import annotations

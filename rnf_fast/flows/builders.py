@@ -122,11 +122,11 @@ def image_flow(
     Returns:
         A ``Compose`` from (B, C·H·W) to (B, C·H·W).
     """
-    C, H, W = check_shape(shape)
+    image_channels, height, width = check_shape(shape)
     check_positive("num_scales", num_scales)
     check_positive("blocks_per_scale", blocks_per_scale)
     factor = 2 ** (num_scales - 1)
-    if H % factor or W % factor:
+    if height % factor or width % factor:
         raise ValueError(
             f"shape must have H and W divisible by 2**(num_scales - 1) = {factor}, "
             f"got {tuple(shape)}"
@@ -161,7 +161,10 @@ def image_flow(
         rest = scale(2 * c, h // 2, w // 2, remaining - 1)
         return MultiScale(Compose(*layers), rest, shape=(4 * c, h // 2, w // 2))
 
-    return Compose(Unflatten((C, H, W)), scale(C, H, W, num_scales))
+    return Compose(
+        Unflatten((image_channels, height, width)),
+        scale(image_channels, height, width, num_scales),
+    )
 
 
 def image_decoder(

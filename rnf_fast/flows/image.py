@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Flow, check_image, check_input, check_positive, check_shape
-from .coupling import check_clamp, soft_clamp
+from .coupling import affine_map, check_clamp
 
 __all__ = [
     "ChannelAffineCoupling",
@@ -24,6 +24,7 @@ __all__ = [
     "MultiScale",
     "Squeeze",
     "Unflatten",
+    "checkerboard_mask",
 ]
 
 NORMS = ("group", None)
@@ -104,12 +105,24 @@ def _check_parity(parity: int) -> None:
 def _affine(
     x: Tensor, raw: Tensor, shift: Tensor, clamp: float, inverse: bool
 ) -> tuple[Tensor, Tensor]:
-    """x · exp(s) + shift (or its inverse), s = soft_clamp(raw); with log|det| (B,)."""
-    log_scale = soft_clamp(raw, clamp)
-    logabsdet = log_scale.flatten(1).sum(1)
-    if inverse:
-        return (x - shift) * torch.exp(-log_scale), -logabsdet
-    return x * torch.exp(log_scale) + shift, logabsdet
+    """:func:`~rnf_fast.flows.coupling.affine_map` with its log|det| summed per sample (B,)."""
+    terms = affine_map(x, raw, shift, clamp, inverse)
+    return terms.y, terms.log_scale.flatten(1).sum(1)
+
+
+def checkerboard_mask(x: Tensor, parity: int) -> Tensor:
+    """The checkerboard mask of x (B, C, height, width): 1 at the pixels (i, j) with
+    (i + j) % 2 == parity (those transformed), else 0, as (B, 1, height, width) in x's dtype.
+
+    Example:
+        >>> checkerboard_mask(torch.zeros(1, 3, 2, 3), 0)[0, 0]
+        tensor([[1., 0., 1.],
+                [0., 1., 0.]])
+    """
+    batch, _, height, width = x.shape
+    i = torch.arange(height, device=x.device).view(height, 1)
+    j = torch.arange(width, device=x.device).view(1, width)
+    return ((i + j) % 2 == parity).to(x.dtype).expand(batch, 1, height, width)
 
 
 class CheckerboardAffineCoupling(Flow):
@@ -153,12 +166,10 @@ class CheckerboardAffineCoupling(Flow):
 
     def _couple(self, x: Tensor, name: str, inverse: bool) -> tuple[Tensor, Tensor]:
         check_image(name, x, self.channels)
-        B, C, H, W = x.shape
-        i = torch.arange(H, device=x.device).view(H, 1)
-        j = torch.arange(W, device=x.device).view(1, W)
-        mask = ((i + j) % 2 == self.parity).to(x.dtype).expand(B, 1, H, W)
+        mask = checkerboard_mask(x, self.parity)
         keep = 1 - mask
         params = self.net(torch.cat([x * keep, keep], dim=1))
+        C = self.channels
         return _affine(x, params[:, :C] * mask, params[:, C:] * mask, self.log_scale_clamp, inverse)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -243,18 +254,18 @@ class Squeeze(Flow):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Squeeze: x (B, C, H, W), H and W even -> (y (B, 4C, H/2, W/2), zeros (B,))."""
         check_image("x", x, self.channels)
-        B, C, H, W = x.shape
-        if H % 2 or W % 2:
+        batch, channels, height, width = x.shape
+        if height % 2 or width % 2:
             raise ValueError(f"x must have even H and W, got {tuple(x.shape)}")
-        y = x.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4)
-        return y.reshape(B, 4 * C, H // 2, W // 2), x.new_zeros(B)
+        y = x.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return y.reshape(batch, 4 * channels, height // 2, width // 2), x.new_zeros(batch)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Unsqueeze: y (B, 4C, H/2, W/2) -> (x (B, C, H, W), zeros (B,))."""
         check_image("y", y, 4 * self.channels)
-        B, _, h, w = y.shape
-        x = y.reshape(B, self.channels, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
-        return x.reshape(B, self.channels, 2 * h, 2 * w), y.new_zeros(B)
+        batch, _, height, width = y.shape
+        x = y.reshape(batch, self.channels, 2, 2, height, width).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(batch, self.channels, 2 * height, 2 * width), y.new_zeros(batch)
 
 
 def _reshape(
@@ -339,18 +350,19 @@ class MultiScale(Flow):
         """Apply the scale: x (B, ...) -> (y (B, C·H·W), logabsdet (B,))."""
         y, logabsdet = self.layers(x)
         check_input("output of layers", y, self.shape)
-        C, H, W = self.shape
-        k = C // 2
+        channels, height, width = self.shape
+        k = channels // 2
         z, ld = self.rest(y[:, k:])
-        check_input("output of rest", z, ((C - k) * H * W,))
+        check_input("output of rest", z, ((channels - k) * height * width,))
         return torch.cat([y[:, :k].flatten(1), z], dim=1), logabsdet + ld
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Invert the scale: y (B, C·H·W) -> (x (B, ...), logabsdet (B,))."""
-        C, H, W = self.shape
-        check_input("y", y, (C * H * W,))
-        k = C // 2
-        rest, ld = self.rest.inverse(y[:, k * H * W :])
-        v = torch.cat([y[:, : k * H * W].reshape(-1, k, H, W), rest], dim=1)
+        channels, height, width = self.shape
+        check_input("y", y, (channels * height * width,))
+        k = channels // 2
+        factored = k * height * width
+        rest, ld = self.rest.inverse(y[:, factored:])
+        v = torch.cat([y[:, :factored].reshape(-1, k, height, width), rest], dim=1)
         x, logabsdet = self.layers.inverse(v)
         return x, logabsdet + ld

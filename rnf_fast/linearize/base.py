@@ -1,149 +1,108 @@
 """The decoder linearized at z: J v, Jᵀ w and Jᵀ(J v), batched over probes.
 
 :class:`Linearization` is the seam between the estimators and whatever computes Jacobian
-products. :class:`FuncLinearization` implements it for any differentiable decoder with
-``torch.func``: the VJP closure is built once and reused by every CG iteration; J v comes from
-``torch.func.jvp`` with all K tangents batched by ``vmap`` (one primal, K tangents). Faster,
-layer-aware linearizations plug in behind the same interface.
-
-Not ``torch.func.linearize``: it re-traces the decoder on every call and its JVP passes no
-gradient back to z or to the decoder's parameters.
+products: a subclass gives ``z``, ``out``, ``jvp`` and ``vjp`` and inherits ``gram_mv``; the
+optional capabilities the engine uses where present (``gram``, ``gram_mv_hidden``, ``lift``)
+are declared here as None. :func:`linearize` picks the linearization of a decoder: its own, the
+explicit one of :mod:`.modules` for an ``nn.Sequential`` MLP, else the ``torch.func`` fallback of
+:mod:`.generic`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
-import torch
 from torch import Tensor
-from torch.func import jvp as _jvp
-from torch.func import vjp as _vjp
-from torch.func import vmap
 
-from .modules import SequentialLinearization, supports_sequential
-
-__all__ = ["FuncLinearization", "Linearization", "linearize"]
+__all__ = ["Batching", "Linearization", "Path", "linearize"]
 
 Batching = Literal["auto", "vmap", "repeat"]
+Path = Literal["explicit", "generic"]
+
+_PATHS = ("explicit", "generic")
+_REQUIRED = ("z", "out", "jvp", "vjp", "gram_mv")
 
 
-@runtime_checkable
-class Linearization(Protocol):
+class Linearization(ABC):
     """A decoder linearized at z (B samples, latent dim d, ambient dim D).
+
+    A subclass sets ``z`` and ``out`` and implements :meth:`jvp` and :meth:`vjp`; :meth:`gram_mv`
+    follows. An object of another class with ``z``, ``out``, ``jvp``, ``vjp`` and ``gram_mv``
+    also serves (``isinstance`` accepts it), with the capabilities below absent.
 
     Attributes:
         z: (B, d) the point, as given (it may require grad).
         out: (B, D) the decoder's output at z, detached.
+        path: how the estimators cost the products: ``"explicit"`` (cached factors, no primal
+            recompute, as the library's explicit linearizations) or ``"generic"`` (the cost of
+            ``torch.func``). Declared by each class; ``"generic"`` unless it says otherwise.
+        batching: what ``LogdetInfo.batching`` reports; the class name unless the class sets it.
+        fallback_reason: why a slower way was taken (vmap failed, a layer without a rule), or
+            None.
+        gram: optional ``gram(*, create_graph) -> (B, d, d) | None``, A = JᵀJ without J where
+            that is cheaper (None from the call where it is not).
+        gram_mv_hidden: optional ``gram_mv_hidden(V) -> (H, AV) | None``, the CG product in a
+            hidden space of width n, with ``lift(H) -> J v`` (B, K, n) -> (B, K, D).
+        lift: see ``gram_mv_hidden``.
+
+    Example:
+        >>> import torch
+        >>> class Linear(Linearization):
+        ...     path = "explicit"
+        ...
+        ...     def __init__(self, weight, z):
+        ...         self.weight, self.z, self.out = weight, z, z.detach() @ weight.T
+        ...
+        ...     def jvp(self, V, *, create_graph=False):
+        ...         return V @ self.weight.T
+        ...
+        ...     def vjp(self, C):
+        ...         return C @ self.weight
+        >>> lin = Linear(torch.randn(5, 2), torch.randn(3, 2))
+        >>> JV, AV = lin.gram_mv(torch.randn(3, 4, 2))
+        >>> JV.shape, AV.shape, lin.gram is None
+        (torch.Size([3, 4, 5]), torch.Size([3, 4, 2]), True)
     """
 
     z: Tensor
     out: Tensor
+    path: Path = "generic"
+    batching: str | None = None
+    fallback_reason: str | None = None
+    gram: Callable[..., Tensor | None] | None = None
+    gram_mv_hidden: Callable[[Tensor], tuple[Tensor, Tensor] | None] | None = None
+    lift: Callable[[Tensor], Tensor] | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.path not in _PATHS:
+            raise TypeError(
+                f"{cls.__name__}.path must be 'explicit' or 'generic', got {cls.path!r}"
+            )
+        if cls.batching is None:
+            cls.batching = cls.__name__
+
+    @classmethod
+    def __subclasshook__(cls, other: type) -> bool:
+        if cls is Linearization and all(
+            callable(getattr(other, name, None)) for name in ("jvp", "vjp", "gram_mv")
+        ):
+            return True
+        return NotImplemented
+
+    @abstractmethod
     def jvp(self, V: Tensor, *, create_graph: bool = False) -> Tensor:
         """J v_k per sample: V (B, K, d) -> (B, K, D). With ``create_graph`` the result is
         differentiable with respect to z and the decoder's parameters."""
-        ...
 
-    def vjp(self, W: Tensor) -> Tensor:
-        """Jᵀ w_k per sample, no graph: W (B, K, D) -> (B, K, d)."""
-        ...
+    @abstractmethod
+    def vjp(self, C: Tensor) -> Tensor:
+        """Jᵀ c_k per sample, no graph: C (B, K, D) -> (B, K, d)."""
 
     def gram_mv(self, V: Tensor) -> tuple[Tensor, Tensor]:
         """(J v_k, Jᵀ J v_k) per sample, no graph: V (B, K, d) -> ((B, K, D), (B, K, d))."""
-        ...
-
-
-class FuncLinearization:
-    """Generic :class:`Linearization` of any differentiable decoder through ``torch.func``.
-
-    Arguments:
-        decoder: callable mapping (B, d) to (B, D), rows independent.
-        z: (B, d) the point of linearization (may require grad).
-        batching: how K tangents are batched. ``"vmap"`` maps ``torch.func.jvp``/``vjp`` over
-            them (one primal, K tangents). ``"repeat"`` is the fallback for decoders that vmap
-            cannot handle (data-dependent control flow, ``.item()``, unsupported ops): z is
-            repeated K times along the batch (B·K rows) and each row gets one tangent, which
-            costs K primal rows instead of one but needs nothing beyond ``torch.func.jvp``.
-            ``"auto"`` tries vmap on the first call and falls back to repeat if vmap raises.
-    """
-
-    def __init__(self, decoder: Callable[[Tensor], Tensor], z: Tensor, *, batching: Batching):
-        if batching not in ("auto", "vmap", "repeat"):
-            raise ValueError(f"batching must be 'auto', 'vmap' or 'repeat', got {batching!r}")
-        self.decoder = decoder
-        self.z = z
-        self.batching = batching
-        self.fallback_reason: str | None = None
-        self._z0 = z.detach()
-        self._out: Tensor | None = None
-        self._vjp_fn: Callable | None = None
-        self._vjp_K: int | None = None
-
-    @property
-    def out(self) -> Tensor:
-        if self._out is None:
-            with torch.no_grad():
-                self._out = self.decoder(self._z0)
-        return self._out
-
-    def _jvp_vmap(self, z: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-        def one(v: Tensor) -> tuple[Tensor, Tensor]:
-            return _jvp(self.decoder, (z,), (v,))
-
-        out, JV = vmap(one, in_dims=1, out_dims=(None, 1), randomness="same")(V)
-        return out, JV
-
-    def _jvp_repeat(self, z: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-        B, K, d = V.shape
-        zr = z.unsqueeze(1).expand(B, K, d).reshape(B * K, d)
-        out, JV = _jvp(self.decoder, (zr,), (V.reshape(B * K, d),))
-        return out.reshape(B, K, -1)[:, 0], JV.reshape(B, K, -1)
-
-    def _run(self, vmapped: Callable, repeated: Callable, *args: Tensor):
-        if self.batching == "repeat":
-            return repeated(*args)
-        if self.batching == "vmap":
-            return vmapped(*args)
-        try:
-            result = vmapped(*args)
-        except Exception as exc:  # vmap's failures are RuntimeError, NotImplementedError, ...
-            self.batching = "repeat"
-            self.fallback_reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            return repeated(*args)
-        self.batching = "vmap"
-        return result
-
-    def jvp(self, V: Tensor, *, create_graph: bool = False) -> Tensor:
-        z = self.z if create_graph else self._z0
-        with torch.set_grad_enabled(create_graph):
-            out, JV = self._run(self._jvp_vmap, self._jvp_repeat, z, V)
-        if self._out is None:
-            self._out = out.detach()
-        return JV
-
-    def _vjp_vmap(self, W: Tensor) -> Tensor:
-        if self._vjp_fn is None or self._vjp_K is not None:
-            out, self._vjp_fn = _vjp(self.decoder, self._z0)
-            self._vjp_K = None
-            if self._out is None:
-                self._out = out
-        fn = self._vjp_fn
-        return vmap(lambda w: fn(w)[0], in_dims=1, out_dims=1)(W)
-
-    def _vjp_repeat(self, W: Tensor) -> Tensor:
-        B, K, D = W.shape
-        if self._vjp_fn is None or self._vjp_K != K:
-            zr = self._z0.unsqueeze(1).expand(B, K, -1).reshape(B * K, -1)
-            _, self._vjp_fn = _vjp(self.decoder, zr)
-            self._vjp_K = K
-        return self._vjp_fn(W.reshape(B * K, D))[0].reshape(B, K, -1)
-
-    def vjp(self, W: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self._run(self._vjp_vmap, self._vjp_repeat, W)
-
-    def gram_mv(self, V: Tensor) -> tuple[Tensor, Tensor]:
         JV = self.jvp(V)
         return JV, self.vjp(JV)
 
@@ -158,24 +117,40 @@ def linearize(
     (Linear layers and common activations) gets the explicit linearization of
     :mod:`rnf_fast.linearize.modules` when ``batching="auto"``; anything else, or an explicit
     ``batching="vmap"`` / ``"repeat"``, takes the generic ``torch.func`` path
-    (:class:`FuncLinearization`), which serves any differentiable decoder.
+    (:class:`~rnf_fast.linearize.generic.FuncLinearization`), which serves any differentiable
+    decoder.
 
     Arguments:
         decoder: callable mapping (B, d) to (B, D).
         z: (B, d) latents.
         batching: ``"auto"``, or force the generic path's tangent batching (see
-            :class:`FuncLinearization`).
+            :class:`~rnf_fast.linearize.generic.FuncLinearization`).
 
     Returns:
         A :class:`Linearization` at z.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> mlp = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 5))
+        >>> lin = linearize(mlp, torch.randn(3, 2))
+        >>> lin.path, lin.jvp(torch.randn(3, 4, 2)).shape
+        ('explicit', torch.Size([3, 4, 5]))
     """
+    # The linearizations subclass Linearization, so they are imported here, not at the top.
+    from .generic import FuncLinearization
+    from .modules import SequentialLinearization, supports_sequential
+
     own = getattr(decoder, "linearize", None)
     if callable(own):
         lin = own(z)
-        if not isinstance(lin, Linearization):
+        subclass = Linearization in type(lin).__mro__
+        if not (
+            subclass or isinstance(lin, Linearization) and all(hasattr(lin, n) for n in _REQUIRED)
+        ):
             raise TypeError(
-                "decoder.linearize(z) must return an object with z, out, jvp, vjp and gram_mv, "
-                f"got {type(lin).__name__}"
+                "decoder.linearize(z) must return a Linearization (an object with z, out, jvp, "
+                f"vjp and gram_mv), got {type(lin).__name__}"
             )
         return lin
     if batching == "auto" and supports_sequential(decoder):

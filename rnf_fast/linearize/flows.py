@@ -1,13 +1,14 @@
 """Explicit linearizations of the library's flows: run a layer once, then push tangents and
-cotangents through its cached Jacobian factors.
+cotangents through its cached Jacobian factors; and the decoder of a rectangular flow.
 
-``linearize_flow(layer, x)`` returns ``(y, lin)``: the layer's output and an object with
-``jvp(T)`` (tangents T (B, K, *in) -> (B, K, *out)) and ``vjp(C)`` (cotangents
-(B, K, *out) -> (B, K, *in)), batched over B × K (K is folded into the batch of every GEMM and
-convolution). The rules live in two registries keyed by exact type: ``FLOW_RULES`` for flow
-layers (with an ``inverse`` flag) and ``MODULE_RULES`` for the networks inside them (MLP and
-convolutional conditioners). A layer or submodule without a rule falls back to ``torch.func``
-for that piece only, so new layers work unchanged, at the generic path's speed.
+``linearize_flow(layer, x)`` returns ``(y, lin)``: the layer's output and a
+:class:`~rnf_fast.linearize.pieces.LayerLinearization` with ``jvp(T)`` (tangents T
+(B, K, *in) -> (B, K, *out)) and ``vjp(C)`` (cotangents (B, K, *out) -> (B, K, *in)), batched
+over B × K (K is folded into the batch of every GEMM and convolution). The rules live in
+``FLOW_RULES``, keyed by exact type, with an ``inverse`` flag; the networks inside the layers
+(MLP and convolutional conditioners) take the rules of :mod:`.modules`. A layer without a rule
+falls back to ``torch.func`` for that layer only (:class:`~rnf_fast.linearize.generic.FuncLayer`),
+so new layers work unchanged, at the generic path's speed.
 
 Called under ``torch.no_grad()`` the cached factors are plain tensors: every matvec is pure
 tangent propagation. Called with grad enabled (the differentiable J v of the log-det surrogate)
@@ -17,364 +18,62 @@ second-derivative terms (σ'', the coupling scales' dependence on x and θ) incl
 Couplings share one factorization: with θ (B, m, P) the conditioner outputs of the m transformed
 features, the layer caches ``dy_dx`` (B, m) and ``dy_dtheta`` (B, m, P), and
 :func:`coupling_tangent` / :func:`coupling_cotangent` are the elementwise steps between them.
+
+:class:`PaddedFlowDecoder` is the decoder z -> flows((z, 0)) of a rectangular flow and
+:class:`PaddedFlowLinearization` its linearization.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import jvp as _func_jvp
-from torch.func import vjp as _func_vjp
-from torch.func import vmap
+from torch import Tensor
 
 from ..flows.base import Compose, Flow, Inverse
-from ..flows.coupling import MLP, AffineCoupling, Coupling
+from ..flows.coupling import AffineCoupling, Coupling, affine_map
 from ..flows.image import (
     ChannelAffineCoupling,
     CheckerboardAffineCoupling,
-    ConvResNet,
     Flatten,
     MultiScale,
     Squeeze,
     Unflatten,
+    checkerboard_mask,
 )
 from ..flows.linear import LULinear, Permutation, Reverse
 from ..flows.norm import ActNorm
 from ..flows.preprocess import Logit
 from ..flows.spline import RationalQuadraticCoupling
-from ..kernels import coupling_cotangent, coupling_tangent, scaled_linear
-from .modules import _derivative
+from ..ops import coupling_cotangent, coupling_tangent
+from .base import Linearization
+from .generic import FuncLayer, fallback_layers
+from .modules import linearize_module
+from .pieces import Chain, Dense, LayerLinearization, Reindex, Scale
 
 __all__ = [
     "FLOW_RULES",
-    "MODULE_RULES",
-    "LayerLinearization",
+    "PaddedFlowDecoder",
     "PaddedFlowLinearization",
     "coupling_cotangent",
     "coupling_tangent",
-    "func_fallbacks",
     "linearize_flow",
-    "linearize_module",
+    "pad",
 ]
 
-
-class LayerLinearization(Protocol):
-    """One layer linearized at its input x (B, *in), output y (B, *out)."""
-
-    def jvp(self, T: Tensor) -> Tensor:
-        """J t_k per sample: T (B, K, *in) -> (B, K, *out)."""
-        ...
-
-    def vjp(self, C: Tensor) -> Tensor:
-        """Jᵀ c_k per sample: C (B, K, *out) -> (B, K, *in)."""
-        ...
-
-
 FlowRule = Callable[[Flow, Tensor, bool], tuple[Tensor, LayerLinearization]]
-ModuleRule = Callable[[nn.Module, Tensor], tuple[Tensor, LayerLinearization]]
 
 FLOW_RULES: dict[type, FlowRule] = {}
-"""Flow layer type -> rule(layer, x, inverse) returning (y, linearization)."""
-
-MODULE_RULES: dict[type, ModuleRule] = {}
-"""Network module type -> rule(module, x) returning (y, linearization)."""
+"""Flow layer type (exact) -> rule(layer, x, inverse) returning (y, linearization)."""
 
 
-def _register(registry: dict, *types: type) -> Callable:
-    def add(rule: Callable) -> Callable:
+def _register(*types: type) -> Callable[[FlowRule], FlowRule]:
+    def add(rule: FlowRule) -> FlowRule:
         for t in types:
-            registry[t] = rule
+            FLOW_RULES[t] = rule
         return rule
 
     return add
-
-
-# --- generic linear pieces -----------------------------------------------------------------
-
-
-def _fold(T: Tensor) -> Tensor:
-    """(B, K, *s) -> (B·K, *s)."""
-    return T.reshape(T.shape[0] * T.shape[1], *T.shape[2:])
-
-
-def _unfold(Y: Tensor, like: Tensor) -> Tensor:
-    """(B·K, *s) -> (B, K, *s), with B and K taken from ``like`` (B, K, ...)."""
-    return Y.reshape(like.shape[0], like.shape[1], *Y.shape[1:])
-
-
-class _Chain:
-    """The composition parts[-1] ∘ … ∘ parts[0]."""
-
-    def __init__(self, parts: Sequence[LayerLinearization]) -> None:
-        self.parts = tuple(parts)
-
-    def jvp(self, T: Tensor) -> Tensor:
-        for part in self.parts:
-            T = part.jvp(T)
-        return T
-
-    def vjp(self, C: Tensor) -> Tensor:
-        for part in reversed(self.parts):
-            C = part.vjp(C)
-        return C
-
-
-class _Residual:
-    """t -> t + J_block t (a residual block h + block(h))."""
-
-    def __init__(self, block: LayerLinearization) -> None:
-        self.parts = (block,)
-
-    def jvp(self, T: Tensor) -> Tensor:
-        return T + self.parts[0].jvp(T)
-
-    def vjp(self, C: Tensor) -> Tensor:
-        return C + self.parts[0].vjp(C)
-
-
-class _Scale:
-    """A diagonal Jacobian: scale (B, *s) or broadcastable to it (per sample or shared)."""
-
-    def __init__(self, scale: Tensor) -> None:
-        self.scale = scale
-
-    def jvp(self, T: Tensor) -> Tensor:
-        return T * self.scale.unsqueeze(1)
-
-    def vjp(self, C: Tensor) -> Tensor:
-        return C * self.scale.unsqueeze(1)
-
-
-class _Dense:
-    """x -> (x Wᵀ) ⊙ s on the last dimension: W (n_out, n_in), s (B, n_out) or None (the
-    derivative of an activation right after the layer, fused into one ``scaled_linear``)."""
-
-    def __init__(self, weight: Tensor, scale: Tensor | None = None) -> None:
-        self.weight, self.scale = weight, scale
-
-    def jvp(self, T: Tensor) -> Tensor:
-        return scaled_linear(T, self.weight, self.scale)
-
-    def vjp(self, C: Tensor) -> Tensor:
-        return scaled_linear(C, self.weight, self.scale, transpose=True)
-
-
-class _Reindex:
-    """A permutation of the entries of each sample (its transpose is its inverse), applied as
-    the layer's own forward and inverse on the folded batch."""
-
-    def __init__(self, apply: Callable[[Tensor], Tensor], undo: Callable[[Tensor], Tensor]):
-        self.apply, self.undo = apply, undo
-
-    def jvp(self, T: Tensor) -> Tensor:
-        return _unfold(self.apply(_fold(T)), T)
-
-    def vjp(self, C: Tensor) -> Tensor:
-        return _unfold(self.undo(_fold(C)), C)
-
-
-class _Func:
-    """``torch.func`` linearization of one piece ``fn`` (B, *in) -> (B, *out) at x.
-
-    J t: ``torch.func.jvp`` vmapped over the K tangents (with grad enabled, differentiable in
-    x and fn's parameters); Jᵀ c: one ``torch.func.vjp`` closure, built on first use and
-    vmapped over K. When vmap cannot handle ``fn``, x is repeated K times along the batch
-    instead.
-    """
-
-    def __init__(self, fn: Callable[[Tensor], Tensor], x: Tensor, what: str) -> None:
-        self.fn, self.x, self.what = fn, x, what
-        self.vmappable = True
-        self._vjp: tuple[int | None, Callable] | None = None
-
-    def _repeat(self, K: int) -> Tensor:
-        return self.x.repeat_interleave(K, dim=0)
-
-    def jvp(self, T: Tensor) -> Tensor:
-        if self.vmappable:
-            try:
-                one = lambda t: _func_jvp(self.fn, (self.x,), (t,))[1]  # noqa: E731
-                return vmap(one, in_dims=1, out_dims=1, randomness="same")(T)
-            except Exception:  # vmap's failures are RuntimeError, NotImplementedError, ...
-                self.vmappable = False
-        _, out = _func_jvp(self.fn, (self._repeat(T.shape[1]),), (_fold(T),))
-        return _unfold(out, T)
-
-    def vjp(self, C: Tensor) -> Tensor:
-        K = None if self.vmappable else C.shape[1]
-        if self._vjp is None or self._vjp[0] != K:
-            x = self.x.detach() if K is None else self._repeat(K).detach()
-            self._vjp = (K, _func_vjp(self.fn, x)[1])
-        fn = self._vjp[1]
-        if K is None:
-            try:
-                return vmap(lambda c: fn(c)[0], in_dims=1, out_dims=1)(C)
-            except Exception:  # as in jvp: fall back to repeating x
-                self.vmappable, self._vjp = False, None
-                return self.vjp(C)
-        return _unfold(fn(_fold(C))[0], C)
-
-
-def func_fallbacks(lin: object) -> list[str]:
-    """Names of the pieces of a linearization that went through the ``torch.func`` fallback."""
-    if isinstance(lin, _Func):
-        return [lin.what]
-    return [name for part in getattr(lin, "parts", ()) for name in func_fallbacks(part)]
-
-
-# --- networks inside the layers ------------------------------------------------------------
-
-
-def linearize_module(module: nn.Module, x: Tensor) -> tuple[Tensor, LayerLinearization]:
-    """Run a network module once at x and linearize it.
-
-    Explicit rules: ``nn.Linear``, ``nn.Conv2d`` (zero padding), ``nn.GroupNorm``,
-    ``nn.Identity``, the elementwise activations of :mod:`rnf_fast.linearize.modules`,
-    ``nn.Sequential``, :class:`~rnf_fast.flows.MLP` and :class:`~rnf_fast.flows.ConvResNet`;
-    anything else (or a module with hooks) goes through ``torch.func``.
-
-    Arguments:
-        module: maps (B, *in) to (B, *out), rows independent.
-        x: (B, *in) its input.
-
-    Returns:
-        (y (B, *out), linearization).
-    """
-    rule = MODULE_RULES.get(type(module))
-    if rule is None and _derivative(module) is not None:
-        rule = _activation
-    if rule is None or module._forward_hooks or module._forward_pre_hooks:
-        return module(x), _Func(module, x, type(module).__name__)
-    return rule(module, x)
-
-
-def _activate(act: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
-    """σ(a) and σ'(a); tanh's derivative comes from its output, 1 - σ(a)², saving a tanh."""
-    if type(act) is nn.Tanh:
-        y = torch.tanh(a)
-        return y, 1 - y * y
-    return act(a), _derivative(act)(a)
-
-
-def _activation(module: nn.Module, x: Tensor) -> tuple[Tensor, LayerLinearization]:
-    y, slope = _activate(module, x)
-    return y, _Scale(slope)
-
-
-@_register(MODULE_RULES, nn.Identity)
-def _identity(module: nn.Identity, x: Tensor) -> tuple[Tensor, LayerLinearization]:
-    return x, _Chain(())
-
-
-@_register(MODULE_RULES, nn.Linear)
-def _linear(module: nn.Linear, x: Tensor) -> tuple[Tensor, LayerLinearization]:
-    return module(x), _Dense(module.weight)
-
-
-@_register(MODULE_RULES, nn.Sequential)
-def _sequential(module: nn.Sequential, x: Tensor) -> tuple[Tensor, LayerLinearization]:
-    parts = []
-    for child in module:
-        x, lin = linearize_module(child, x)
-        parts.append(lin)
-    return x, _Chain(parts)
-
-
-@_register(MODULE_RULES, MLP)
-def _mlp(mlp: MLP, x: Tensor) -> tuple[Tensor, LayerLinearization]:
-    if _derivative(mlp.act) is None or mlp.act._forward_hooks or mlp.act._forward_pre_hooks:
-        return mlp(x), _Func(mlp, x, "MLP")
-    parts: list[LayerLinearization] = []
-    for linear in mlp.linears[:-1]:
-        x, slope = _activate(mlp.act, linear(x))
-        parts.append(_Dense(linear.weight, slope))
-    last = mlp.linears[-1]
-    return last(x), _Chain([*parts, _Dense(last.weight)])
-
-
-class _Conv:
-    """The tangent of a 2-d convolution is the convolution without bias; its transpose is the
-    transposed convolution."""
-
-    def __init__(self, conv: nn.Conv2d, in_size: Sequence[int]) -> None:
-        self.conv, self.in_size = conv, tuple(in_size)
-
-    def jvp(self, T: Tensor) -> Tensor:
-        c = self.conv
-        out = F.conv2d(_fold(T), c.weight, None, c.stride, c.padding, c.dilation, c.groups)
-        return _unfold(out, T)
-
-    def vjp(self, C: Tensor) -> Tensor:
-        c = self.conv
-        size = (C.shape[0] * C.shape[1], *self.in_size)
-        out = nn.grad.conv2d_input(
-            size, c.weight, _fold(C), c.stride, c.padding, c.dilation, c.groups
-        )
-        return _unfold(out, C)
-
-
-@_register(MODULE_RULES, nn.Conv2d)
-def _conv2d(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, LayerLinearization]:
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return conv(x), _Func(conv, x, "Conv2d")
-    return conv(x), _Conv(conv, x.shape[1:])
-
-
-class _GroupNorm:
-    """GroupNorm's Jacobian per group: γ ⊙ (t - mean(t) - x̂ mean(x̂ ⊙ t)) / σ (symmetric part
-    between the γ scalings)."""
-
-    def __init__(self, xhat: Tensor, inv_std: Tensor, weight: Tensor | None, groups: int):
-        self.xhat, self.inv_std, self.weight, self.groups = xhat, inv_std, weight, groups
-
-    def _project(self, T: Tensor) -> Tensor:
-        B, K = T.shape[:2]
-        t = T.reshape(B, K, self.groups, -1)
-        xhat = self.xhat.unsqueeze(1)
-        mean_t = t.mean(-1, keepdim=True)
-        mean_xt = (xhat * t).mean(-1, keepdim=True)
-        return ((t - mean_t - xhat * mean_xt) * self.inv_std.unsqueeze(1)).reshape(T.shape)
-
-    def _gamma(self, T: Tensor) -> Tensor:
-        if self.weight is None:
-            return T
-        return T * self.weight.view(-1, *([1] * (T.dim() - 3)))
-
-    def jvp(self, T: Tensor) -> Tensor:
-        return self._gamma(self._project(T))
-
-    def vjp(self, C: Tensor) -> Tensor:
-        return self._project(self._gamma(C))
-
-
-@_register(MODULE_RULES, nn.GroupNorm)
-def _group_norm(gn: nn.GroupNorm, x: Tensor) -> tuple[Tensor, LayerLinearization]:
-    B, G = x.shape[0], gn.num_groups
-    xg = x.reshape(B, G, -1)
-    centred = xg - xg.mean(-1, keepdim=True)
-    inv_std = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + gn.eps)
-    xhat = centred * inv_std
-    y = xhat.reshape(x.shape)
-    if gn.affine:
-        shape = (-1, *([1] * (x.dim() - 2)))
-        y = y * gn.weight.view(shape) + gn.bias.view(shape)
-    return y, _GroupNorm(xhat, inv_std, gn.weight if gn.affine else None, G)
-
-
-@_register(MODULE_RULES, ConvResNet)
-def _conv_resnet(net: ConvResNet, x: Tensor) -> tuple[Tensor, LayerLinearization]:
-    h, first = linearize_module(net.in_conv, x)
-    parts = [first]
-    for block in net.blocks:
-        r, lin = linearize_module(block, h)
-        h = h + r
-        parts.append(_Residual(lin))
-    y, last = linearize_module(net.out, h)
-    return y, _Chain([*parts, last])
 
 
 # --- flow layers ---------------------------------------------------------------------------
@@ -397,6 +96,14 @@ def linearize_flow(
 
     Returns:
         (y (B, *out), linearization): y is the first output of the map applied.
+
+    Example:
+        >>> from rnf_fast.flows import flat_flow
+        >>> flow = flat_flow(4, num_layers=2, hidden=(8,))
+        >>> with torch.no_grad():
+        ...     y, lin = linearize_flow(flow, torch.randn(3, 4))
+        >>> lin.jvp(torch.randn(3, 5, 4)).shape
+        torch.Size([3, 5, 4])
     """
     rule = FLOW_RULES.get(type(layer))
     if rule is None or layer._forward_hooks or layer._forward_pre_hooks:
@@ -407,32 +114,32 @@ def linearize_flow(
 def _fallback_flow(layer: Flow, x: Tensor, inverse: bool) -> tuple[Tensor, LayerLinearization]:
     apply = layer.inverse if inverse else layer  # calling the layer runs its hooks
     name = f"{type(layer).__name__}{'.inverse' if inverse else ''}"
-    return apply(x)[0], _Func(lambda v: apply(v)[0], x, name)
+    return apply(x)[0], FuncLayer(lambda v: apply(v)[0], x, name)
 
 
-@_register(FLOW_RULES, Compose)
+@_register(Compose)
 def _compose(flow: Compose, x: Tensor, inverse: bool) -> tuple[Tensor, LayerLinearization]:
     parts = []
     for layer in reversed(flow.layers) if inverse else flow.layers:
         x, lin = linearize_flow(layer, x, inverse=inverse)
         parts.append(lin)
-    return x, _Chain(parts)
+    return x, Chain(parts)
 
 
-@_register(FLOW_RULES, Inverse)
-def _inverse(flow: Inverse, x: Tensor, inverse: bool) -> tuple[Tensor, LayerLinearization]:
+@_register(Inverse)
+def _inverse_flow(flow: Inverse, x: Tensor, inverse: bool) -> tuple[Tensor, LayerLinearization]:
     return linearize_flow(flow.layer, x, inverse=not inverse)
 
 
-@_register(FLOW_RULES, ActNorm)
+@_register(ActNorm)
 def _actnorm(layer: ActNorm, x: Tensor, inverse: bool) -> tuple[Tensor, LayerLinearization]:
     y = (layer.inverse if inverse else layer.forward)(x)[0]
     shape = (1, layer.num_features) + (1,) * (x.dim() - 2)
     log_scale = layer.log_scale.view(shape)
-    return y, _Scale(torch.exp(-log_scale if inverse else log_scale))
+    return y, Scale(torch.exp(-log_scale if inverse else log_scale))
 
 
-@_register(FLOW_RULES, Permutation, Reverse, Squeeze, Flatten, Unflatten)
+@_register(Permutation, Reverse, Squeeze, Flatten, Unflatten)
 def _reindex(layer: Flow, x: Tensor, inverse: bool) -> tuple[Tensor, LayerLinearization]:
     def forward(v: Tensor) -> Tensor:
         return layer.forward(v)[0]
@@ -441,36 +148,33 @@ def _reindex(layer: Flow, x: Tensor, inverse: bool) -> tuple[Tensor, LayerLinear
         return layer.inverse(v)[0]
 
     apply, undo = (backward, forward) if inverse else (forward, backward)
-    return apply(x), _Reindex(apply, undo)
+    return apply(x), Reindex(apply, undo)
 
 
-@_register(FLOW_RULES, LULinear)
+@_register(LULinear)
 def _lu_linear(layer: LULinear, x: Tensor, inverse: bool) -> tuple[Tensor, LayerLinearization]:
     if not inverse:
-        W = layer.weight()
-        return x @ W.T + layer.bias, _Dense(W)
+        weight = layer.weight()
+        return x @ weight.T + layer.bias, Dense(weight)
     L, U = layer.factors()
     eye = torch.eye(layer.features, dtype=x.dtype, device=x.device)
     L_inv = torch.linalg.solve_triangular(L, eye, upper=False, unitriangular=True)
-    W_inv = torch.linalg.solve_triangular(U, L_inv, upper=True)
-    return (x - layer.bias) @ W_inv.T, _Dense(W_inv)
+    weight_inv = torch.linalg.solve_triangular(U, L_inv, upper=True)
+    return (x - layer.bias) @ weight_inv.T, Dense(weight_inv)
 
 
 def _affine_partials(
     x: Tensor, raw: Tensor, shift: Tensor, clamp: float, inverse: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """y = x · exp(s) + shift with s = clamp · tanh(raw / clamp) (or the inverse), elementwise,
-    with ∂y/∂x and ∂y/∂(raw, shift) stacked on a last axis of 2; the soft clamp's derivative
-    is folded into ∂y/∂raw."""
-    th = torch.tanh(raw / clamp)
-    ds = 1 - th * th
+    """The map of :func:`~rnf_fast.flows.coupling.affine_map` with ∂y/∂x and ∂y/∂(raw, shift)
+    stacked on a last axis of 2; the soft clamp's derivative is folded into ∂y/∂raw."""
+    terms = affine_map(x, raw, shift, clamp, inverse)
+    ds = terms.clamp_slope
     if inverse:
-        e = torch.exp(-clamp * th)
-        y = (x - shift) * e
-        return y, e, torch.stack([-y * ds, -e], dim=-1)
-    e = torch.exp(clamp * th)
-    xe = x * e
-    return xe + shift, e, torch.stack([xe * ds, torch.ones_like(e)], dim=-1)
+        dy_dtheta = torch.stack([-terms.scaled * ds, -terms.scale], dim=-1)
+    else:
+        dy_dtheta = torch.stack([terms.scaled * ds, torch.ones_like(terms.scale)], dim=-1)
+    return terms.y, terms.scale, dy_dtheta
 
 
 def _elementwise_partials(
@@ -522,7 +226,7 @@ def _coupling_input(layer: Coupling, x: Tensor) -> tuple[Tensor, Tensor, LayerLi
     return x_t, theta.view(x.shape[0], x_t.shape[1], layer.params_per_feature), conditioner
 
 
-@_register(FLOW_RULES, AffineCoupling)
+@_register(AffineCoupling)
 def _affine_coupling(
     layer: AffineCoupling, x: Tensor, inverse: bool
 ) -> tuple[Tensor, LayerLinearization]:
@@ -534,7 +238,7 @@ def _affine_coupling(
     return y, _FlatCoupling(layer, conditioner, dy_dx, dy_dtheta)
 
 
-@_register(FLOW_RULES, RationalQuadraticCoupling)
+@_register(RationalQuadraticCoupling)
 def _elementwise_coupling(
     layer: Coupling, x: Tensor, inverse: bool
 ) -> tuple[Tensor, LayerLinearization]:
@@ -547,22 +251,23 @@ def _elementwise_coupling(
 
 
 def _pair(theta: Tensor, split: int) -> Tensor:
-    """Conditioner output (..., 2·c, H, W) -> (..., c·H·W, 2): raw log-scale and shift."""
+    """Conditioner output (..., 2·c, height, width) -> (..., c·height·width, 2): raw log-scale
+    and shift."""
     lead = theta.shape[: theta.dim() - 3]
     stacked = torch.stack([theta[..., :split, :, :], theta[..., split:, :, :]], dim=-1)
     return stacked.reshape(*lead, -1, 2)
 
 
 def _unpair(dtheta: Tensor, shape: Sequence[int]) -> Tensor:
-    """(B, K, c·H·W, 2) -> (B, K, 2·c, H, W), the transpose of :func:`_pair`."""
+    """(B, K, c·height·width, 2) -> (B, K, 2·c, height, width), the transpose of :func:`_pair`."""
     B, K = dtheta.shape[:2]
     parts = dtheta.reshape(B, K, *shape, 2)
     return torch.cat([parts[..., 0], parts[..., 1]], dim=2)
 
 
 class _Checkerboard:
-    """The checkerboard coupling: all C·H·W entries are 'transformed' (scale 1, shift 0 where
-    the mask is 0, folded into dy_dtheta); the conditioner sees x ⊙ keep."""
+    """The checkerboard coupling: all channels·height·width entries are 'transformed' (scale 1,
+    shift 0 where the mask is 0, folded into dy_dtheta); the conditioner sees x ⊙ keep."""
 
     def __init__(
         self, keep: Tensor, net: LayerLinearization, dy_dx: Tensor, dy_dtheta: Tensor
@@ -571,34 +276,32 @@ class _Checkerboard:
         self.dy_dx, self.dy_dtheta = dy_dx, dy_dtheta
 
     def jvp(self, T: Tensor) -> Tensor:
-        B, K, C, H, W = T.shape
-        inp = torch.cat([T * self.keep, T.new_zeros(B, K, 1, H, W)], dim=2)
-        dtheta = _pair(self.parts[0].jvp(inp), C)
+        B, K, channels, height, width = T.shape
+        inp = torch.cat([T * self.keep, T.new_zeros(B, K, 1, height, width)], dim=2)
+        dtheta = _pair(self.parts[0].jvp(inp), channels)
         dy = coupling_tangent(T.reshape(B, K, -1), dtheta, self.dy_dx, self.dy_dtheta)
         return dy.reshape(T.shape)
 
-    def vjp(self, Cot: Tensor) -> Tensor:
-        B, K, C, H, W = Cot.shape
-        dx, dtheta = coupling_cotangent(Cot.reshape(B, K, -1), self.dy_dx, self.dy_dtheta)
-        dinp = self.parts[0].vjp(_unpair(dtheta, (C, H, W)))
-        return dx.reshape(Cot.shape) + dinp[:, :, :C] * self.keep
+    def vjp(self, C: Tensor) -> Tensor:
+        B, K, channels = C.shape[:3]
+        dx, dtheta = coupling_cotangent(C.reshape(B, K, -1), self.dy_dx, self.dy_dtheta)
+        dinp = self.parts[0].vjp(_unpair(dtheta, C.shape[2:]))
+        return dx.reshape(C.shape) + dinp[:, :, :channels] * self.keep
 
 
-@_register(FLOW_RULES, CheckerboardAffineCoupling)
+@_register(CheckerboardAffineCoupling)
 def _checkerboard(
     layer: CheckerboardAffineCoupling, x: Tensor, inverse: bool
 ) -> tuple[Tensor, LayerLinearization]:
-    B, C, H, W = x.shape
-    i = torch.arange(H, device=x.device).view(H, 1)
-    j = torch.arange(W, device=x.device).view(1, W)
-    mask = ((i + j) % 2 == layer.parity).to(x.dtype).expand(B, 1, H, W)
+    B, channels = x.shape[:2]
+    mask = checkerboard_mask(x, layer.parity)
     keep = 1 - mask
     theta, net = linearize_module(layer.net, torch.cat([x * keep, keep], dim=1))
     y, dy_dx, dy_dtheta = _affine_partials(
-        x, theta[:, :C] * mask, theta[:, C:] * mask, layer.log_scale_clamp, inverse
+        x, theta[:, :channels] * mask, theta[:, channels:] * mask, layer.log_scale_clamp, inverse
     )
     dy_dtheta = dy_dtheta * mask.unsqueeze(-1)
-    flat = dy_dtheta.reshape(B, C * H * W, 2)
+    flat = dy_dtheta.reshape(B, -1, 2)
     return y, _Checkerboard(keep[:1], net, dy_dx.reshape(B, -1), flat)
 
 
@@ -636,7 +339,7 @@ class _ChannelCoupling:
         return self._join(dx_c, dx.reshape(c_t.shape))
 
 
-@_register(FLOW_RULES, ChannelAffineCoupling)
+@_register(ChannelAffineCoupling)
 def _channel(
     layer: ChannelAffineCoupling, x: Tensor, inverse: bool
 ) -> tuple[Tensor, LayerLinearization]:
@@ -694,22 +397,24 @@ class _MultiScaleInverse:
 
 
 def _split_scale(T: Tensor, rest: Callable[[Tensor], Tensor], shape: Sequence[int]) -> Tensor:
-    """T (B, K, C·H·W) in the multi-scale layout -> (B, K, C, H, W): the first C // 2 channels
-    unflattened, the others through ``rest``."""
+    """T (B, K, channels·height·width) in the multi-scale layout -> (B, K, channels, height,
+    width): the first channels // 2 channels unflattened, the others through ``rest``."""
     B, K = T.shape[:2]
-    C, H, W = shape
-    k = C // 2
-    head = T[:, :, : k * H * W].reshape(B, K, k, H, W)
-    return torch.cat([head, rest(T[:, :, k * H * W :])], dim=2)
+    channels, height, width = shape
+    k = channels // 2
+    factored = k * height * width
+    head = T[:, :, :factored].reshape(B, K, k, height, width)
+    return torch.cat([head, rest(T[:, :, factored:])], dim=2)
 
 
-@_register(FLOW_RULES, MultiScale)
+@_register(MultiScale)
 def _multi_scale(layer: MultiScale, x: Tensor, inverse: bool) -> tuple[Tensor, LayerLinearization]:
-    C, H, W = layer.shape
-    k = C // 2
+    channels, height, width = layer.shape
+    k = channels // 2
     if inverse:
-        r, rest = linearize_flow(layer.rest, x[:, k * H * W :], inverse=True)
-        v = torch.cat([x[:, : k * H * W].reshape(-1, k, H, W), r], dim=1)
+        factored = k * height * width
+        r, rest = linearize_flow(layer.rest, x[:, factored:], inverse=True)
+        v = torch.cat([x[:, :factored].reshape(-1, k, height, width), r], dim=1)
         y, layers = linearize_flow(layer.layers, v, inverse=True)
         return y, _MultiScaleInverse(layers, rest, layer.shape)
     y, layers = linearize_flow(layer.layers, x)
@@ -717,17 +422,27 @@ def _multi_scale(layer: MultiScale, x: Tensor, inverse: bool) -> tuple[Tensor, L
     return torch.cat([y[:, :k].flatten(1), z], dim=1), _MultiScale(layers, rest, layer.shape)
 
 
-@_register(FLOW_RULES, Logit)
+@_register(Logit)
 def _logit(layer: Logit, x: Tensor, inverse: bool) -> tuple[Tensor, LayerLinearization]:
     a = layer.alpha
     if inverse:
         s = torch.sigmoid(x)
-        return (s - a) / (1 - 2 * a), _Scale(s * (1 - s) / (1 - 2 * a))
+        return (s - a) / (1 - 2 * a), Scale(s * (1 - s) / (1 - 2 * a))
     p = a + (1 - 2 * a) * x
-    return torch.log(p) - torch.log1p(-p), _Scale((1 - 2 * a) / (p * (1 - p)))
+    return torch.log(p) - torch.log1p(-p), Scale((1 - 2 * a) / (p * (1 - p)))
 
 
 # --- the decoder of a rectangular flow ------------------------------------------------------
+
+
+def pad(z: Tensor, D: int) -> Tensor:
+    """(z, 0): zeros appended on the last dimension up to width D, (..., d) -> (..., D).
+
+    Example:
+        >>> pad(torch.ones(1, 2), 4)
+        tensor([[1., 1., 0., 0.]])
+    """
+    return torch.cat([z, z.new_zeros(*z.shape[:-1], D - z.shape[-1])], dim=-1)
 
 
 class _Pad:
@@ -737,14 +452,52 @@ class _Pad:
         self.d, self.D = d, D
 
     def jvp(self, T: Tensor) -> Tensor:
-        B, K = T.shape[:2]
-        return torch.cat([T, T.new_zeros(B, K, self.D - self.d)], dim=2)
+        return pad(T, self.D)
 
     def vjp(self, C: Tensor) -> Tensor:
         return C[:, :, : self.d]
 
 
-class PaddedFlowLinearization:
+def _check_padded(z: Tensor, D: int) -> None:
+    if not isinstance(z, Tensor):
+        raise TypeError(f"z must be a torch.Tensor of shape (B, d), got {type(z).__name__}")
+    if z.dim() != 2 or z.shape[1] >= D:
+        raise ValueError(f"z must be (B, d) with d < D = {D}, got {tuple(z.shape)}")
+
+
+class PaddedFlowDecoder:
+    """The decoder z -> flows[-1](…flows[0]((z, 0))…): (B, d) -> (B, D), with its explicit
+    linearization (:meth:`linearize`, which :func:`rnf_fast.linearize` uses).
+
+    Arguments:
+        flows: the flow layers applied, in order, to the padded z (B, D).
+        D: the padded width, D > d.
+
+    Example:
+        >>> from rnf_fast.flows import flat_flow
+        >>> decoder = PaddedFlowDecoder((flat_flow(4, num_layers=2, hidden=(8,)),), D=4)
+        >>> z = torch.randn(3, 2)
+        >>> decoder(z).shape, decoder.linearize(z).path
+        (torch.Size([3, 4]), 'explicit')
+    """
+
+    def __init__(self, flows: Sequence[Flow], *, D: int) -> None:
+        self.flows = tuple(flows)
+        self.D = D
+
+    def __call__(self, z: Tensor) -> Tensor:
+        """x = flows((z, 0)): z (B, d) -> (B, D)."""
+        x = pad(z, self.D)
+        for flow in self.flows:
+            x, _ = flow(x)
+        return x
+
+    def linearize(self, z: Tensor) -> PaddedFlowLinearization:
+        """The decoder linearized at z (B, d)."""
+        return PaddedFlowLinearization(z, flows=self.flows, D=self.D)
+
+
+class PaddedFlowLinearization(Linearization):
     """:class:`rnf_fast.Linearization` of the decoder z -> flows[-1](…flows[0]((z, 0))…) at z,
     with every flow linearized explicitly (see :func:`linearize_flow`).
 
@@ -759,33 +512,49 @@ class PaddedFlowLinearization:
         D: the padded width, D > d.
 
     Attributes:
-        batching: ``"explicit"``, or ``"explicit+func"`` when some layer or submodule has no
-            rule and goes through ``torch.func`` (listed in ``fallback_reason``).
+        path: ``"explicit"``, or ``"generic"`` when some layer or submodule has no rule and
+            goes through ``torch.func`` (its cost is then that of the generic path).
+        batching: ``"explicit"``, or ``"explicit+func"`` with such a layer.
+        fallback_reason: the layers without a rule, and where vmap failed for one of them the
+            first line of its error; None when every layer is explicit.
     """
 
+    path = "explicit"
+    batching = "explicit"
+
     def __init__(self, z: Tensor, *, flows: Sequence[Flow], D: int) -> None:
-        if z.dim() != 2 or z.shape[1] >= D:
-            raise ValueError(f"z must be (B, d) with d < D = {D}, got {tuple(z.shape)}")
+        _check_padded(z, D)
         self.z = z
         self.flows = tuple(flows)
         self.D = D
         with torch.no_grad():
             self.out, self._lin = self._primal(z.detach())
-        fallbacks = sorted(set(func_fallbacks(self._lin)))
-        self.batching = "explicit+func" if fallbacks else "explicit"
-        self.fallback_reason = (
-            f"no explicit rule for {', '.join(fallbacks)}: torch.func used there"
-            if fallbacks
-            else None
-        )
+        self._fallbacks = fallback_layers(self._lin)
+        if self._fallbacks:
+            self.path, self.batching = "generic", "explicit+func"
 
-    def _primal(self, z: Tensor) -> tuple[Tensor, _Chain]:
+    @property
+    def fallback_reason(self) -> str | None:
+        if not self._fallbacks:
+            return None
+        names = ", ".join(sorted({layer.name for layer in self._fallbacks}))
+        reason = f"no explicit rule for {names}: torch.func used there"
+        failed = sorted(
+            f"{layer.name} ({layer.fallback_reason})"
+            for layer in set(self._fallbacks)
+            if layer.fallback_reason
+        )
+        if failed:
+            reason += f"; vmap failed, rows repeated: {'; '.join(failed)}"
+        return reason
+
+    def _primal(self, z: Tensor) -> tuple[Tensor, Chain]:
         parts: list[LayerLinearization] = [_Pad(z.shape[1], self.D)]
-        x = torch.cat([z, z.new_zeros(z.shape[0], self.D - z.shape[1])], dim=1)
+        x = pad(z, self.D)
         for flow in self.flows:
             x, lin = linearize_flow(flow, x)
             parts.append(lin)
-        return x, _Chain(parts)
+        return x, Chain(parts)
 
     def jvp(self, V: Tensor, *, create_graph: bool = False) -> Tensor:
         """J v_k per sample: V (B, K, d) -> (B, K, D); differentiable in z and the flows'
@@ -795,14 +564,10 @@ class PaddedFlowLinearization:
                 return self._lin.jvp(V)
         with torch.enable_grad():
             _, lin = self._primal(self.z)
+            self._fallbacks += fallback_layers(lin)
             return lin.jvp(V)
 
-    def vjp(self, W: Tensor) -> Tensor:
-        """Jᵀ w_k per sample, no graph: W (B, K, D) -> (B, K, d)."""
+    def vjp(self, C: Tensor) -> Tensor:
+        """Jᵀ c_k per sample, no graph: C (B, K, D) -> (B, K, d)."""
         with torch.no_grad():
-            return self._lin.vjp(W)
-
-    def gram_mv(self, V: Tensor) -> tuple[Tensor, Tensor]:
-        """(J v_k, Jᵀ J v_k), no graph: V (B, K, d) -> ((B, K, D), (B, K, d))."""
-        JV = self.jvp(V)
-        return JV, self.vjp(JV)
+            return self._lin.vjp(C)

@@ -1,24 +1,57 @@
-"""Explicit linearization of plain MLP decoders: ``nn.Sequential`` of ``nn.Linear`` and
-elementwise activations.
+"""Explicit linearization of networks: ``nn.Linear``, elementwise activations, ``nn.Sequential``,
+convolutions, GroupNorm, and the flows' MLP and ConvResNet conditioners; and of plain MLP
+decoders (:class:`SequentialLinearization`).
 
-Evaluating the decoder once at z caches each activation's derivative σ'(a) (B, n). Then
-J v is a chain of GEMMs with a diagonal scale after each activation, Jᵀ w the same chain
-backwards, and Jᵀ(J v) both, batched over all K tangents (B·K rows per GEMM), with no primal
-recompute and no autograd graph. The differentiable J v of the estimators' surrogate re-runs the
-primal once with the graph and pushes all tangents through the same explicit chain, so autograd
-differentiates GEMMs and σ'(a) (σ'' terms included) instead of ``torch.func``'s dual tensors.
+One rule set serves both uses. :func:`linearize_module` runs a module once at x, caching what its
+Jacobian needs (each activation's derivative σ'(a) (B, n)); a Linear followed by an activation
+becomes one fused ``scaled_linear`` step (x Wᵀ) ⊙ σ'(a), in ``nn.Sequential`` and in
+:class:`~rnf_fast.flows.MLP` alike. J v is then a chain of GEMMs with a diagonal scale after
+each activation, Jᵀ w the same chain backwards, batched over all K tangents (B·K rows per GEMM),
+with no primal recompute and no autograd graph. The differentiable J v re-runs the primal once
+with the graph and pushes all tangents through the same chain, so autograd differentiates GEMMs
+and σ'(a) (σ'' terms included) instead of ``torch.func``'s dual tensors. A module without a rule
+(or with hooks) goes through ``torch.func`` for that module only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import scaled_linear
+from ..flows.coupling import MLP
+from ..flows.image import ConvResNet
+from .base import Linearization
+from .generic import FuncLayer
+from .pieces import Chain, Dense, LayerLinearization, Residual, Scale, fold, unfold
 
-__all__ = ["SequentialLinearization", "supports_sequential"]
+__all__ = [
+    "MODULE_RULES",
+    "SequentialLinearization",
+    "activate",
+    "supports_activation",
+    "linearize_module",
+    "supports_sequential",
+]
+
+ModuleRule = Callable[[nn.Module, Tensor], tuple[Tensor, LayerLinearization]]
+
+MODULE_RULES: dict[type, ModuleRule] = {}
+"""Network module type (exact) -> rule(module, x) returning (y, linearization)."""
+
+
+def _register(*types: type) -> Callable[[ModuleRule], ModuleRule]:
+    def add(rule: ModuleRule) -> ModuleRule:
+        for t in types:
+            MODULE_RULES[t] = rule
+        return rule
+
+    return add
+
+
+# --- activations ---------------------------------------------------------------------------
 
 
 def _softplus_grad(m: nn.Softplus) -> Callable[[Tensor], Tensor]:
@@ -40,58 +73,275 @@ def _gelu_grad(a: Tensor) -> Tensor:
     return cdf + a * pdf
 
 
-def _derivative(m: nn.Module) -> Callable[[Tensor], Tensor] | None:
-    """σ' as a differentiable function of the pre-activation a, or None if unsupported."""
-    if isinstance(m, nn.Tanh):
-        return lambda a: 1 - torch.tanh(a) ** 2
-    if isinstance(m, nn.Sigmoid):
-        return lambda a: torch.sigmoid(a) * (1 - torch.sigmoid(a))
-    if isinstance(m, nn.ReLU):
+def _from_output(m: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """σ' as a function of the output y = σ(a), for the activations where that saves work."""
+    if type(m) is nn.Tanh:
+        return lambda y: 1 - y * y
+    if type(m) is nn.Sigmoid:
+        return lambda y: y * (1 - y)
+    return None
+
+
+def _from_input(m: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """σ' as a function of the pre-activation a, for the other supported activations."""
+    kind = type(m)
+    if kind is nn.ReLU:
         return lambda a: (a > 0).to(a.dtype)
-    if isinstance(m, nn.LeakyReLU):
+    if kind is nn.LeakyReLU:
         return lambda a: torch.where(a > 0, 1.0, torch.full_like(a, m.negative_slope))
-    if isinstance(m, nn.ELU):
+    if kind is nn.ELU:
         return lambda a: torch.where(a > 0, torch.ones_like(a), m.alpha * torch.exp(a))
-    if isinstance(m, nn.Softplus):
+    if kind is nn.Softplus:
         return _softplus_grad(m)
-    if isinstance(m, nn.SiLU):
+    if kind is nn.SiLU:
         return _silu_grad
-    if isinstance(m, nn.GELU) and m.approximate == "none":
+    if kind is nn.GELU and m.approximate == "none":
         return _gelu_grad
     return None
 
 
+def supports_activation(m: nn.Module) -> bool:
+    """Whether ``m`` is an elementwise activation with an explicit derivative (exact type):
+    Tanh, Sigmoid, ReLU, LeakyReLU, ELU, Softplus, SiLU, exact GELU."""
+    return _from_output(m) is not None or _from_input(m) is not None
+
+
+def activate(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
+    """σ(a) and σ'(a) of a supported activation (see :func:`supports_activation`); with grad
+    enabled both keep their graph (σ'' follows).
+
+    σ' is taken from the output where that saves work: 1 - σ(a)² for Tanh and σ(a)(1 - σ(a))
+    for Sigmoid, so the nonlinearity is evaluated once.
+
+    Arguments:
+        m: the activation module.
+        a: (B, ...) the pre-activation.
+
+    Returns:
+        (σ(a), σ'(a)), both of a's shape.
+
+    Example:
+        >>> y, slope = activate(nn.Tanh(), torch.zeros(1, 2))
+        >>> y, slope
+        (tensor([[0., 0.]]), tensor([[1., 1.]]))
+    """
+    from_output = _from_output(m)
+    if from_output is not None:
+        y = m(a)
+        return y, from_output(y)
+    from_input = _from_input(m)
+    if from_input is None:
+        raise TypeError(f"m must be a supported activation, got {type(m).__name__}")
+    slope = from_input(a)  # before σ(a): the order of the graph, so of the summed gradients
+    return m(a), slope
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+# --- the rules -----------------------------------------------------------------------------
+
+
+def linearize_module(module: nn.Module, x: Tensor) -> tuple[Tensor, LayerLinearization]:
+    """Run a network module once at x and linearize it.
+
+    Explicit rules: ``nn.Linear``, ``nn.Conv2d`` (zero padding), ``nn.GroupNorm``,
+    ``nn.Identity``, the activations of :func:`supports_activation`, ``nn.Sequential``,
+    :class:`~rnf_fast.flows.MLP` and :class:`~rnf_fast.flows.ConvResNet` (exact types); anything
+    else (or a module with hooks) goes through ``torch.func``.
+
+    Arguments:
+        module: maps (B, *in) to (B, *out), rows independent.
+        x: (B, *in) its input.
+
+    Returns:
+        (y (B, *out), linearization).
+
+    Example:
+        >>> mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> y, lin = linearize_module(mlp, torch.randn(5, 3))
+        >>> lin.jvp(torch.randn(5, 7, 3)).shape, lin.vjp(torch.randn(5, 7, 2)).shape
+        (torch.Size([5, 7, 2]), torch.Size([5, 7, 3]))
+    """
+    rule = MODULE_RULES.get(type(module))
+    if rule is None and supports_activation(module):
+        rule = _activation
+    if rule is None or _hooked(module):
+        return module(x), FuncLayer(module, x, type(module).__name__)
+    return rule(module, x)
+
+
+def _linearize_sequence(modules: Sequence[nn.Module], x: Tensor) -> tuple[Tensor, Chain]:
+    """Run modules in order at x; a Linear followed by an activation (Identity between them
+    skipped) becomes one fused :class:`~rnf_fast.linearize.pieces.Dense` step."""
+    plain = [m for m in modules if not (type(m) is nn.Identity and not _hooked(m))]
+    parts: list[LayerLinearization] = []
+    i = 0
+    while i < len(plain):
+        m = plain[i]
+        act = plain[i + 1] if i + 1 < len(plain) else None
+        fusable = type(m) is nn.Linear and not _hooked(m)
+        if fusable and act is not None and supports_activation(act) and not _hooked(act):
+            x, slope = activate(act, m(x))
+            parts.append(Dense(m.weight, slope))
+            i += 2
+        else:
+            x, lin = linearize_module(m, x)
+            parts.append(lin)
+            i += 1
+    return x, Chain(parts)
+
+
+def _activation(module: nn.Module, x: Tensor) -> tuple[Tensor, LayerLinearization]:
+    y, slope = activate(module, x)
+    return y, Scale(slope)
+
+
+@_register(nn.Identity)
+def _identity(module: nn.Identity, x: Tensor) -> tuple[Tensor, LayerLinearization]:
+    return x, Chain(())
+
+
+@_register(nn.Linear)
+def _linear(module: nn.Linear, x: Tensor) -> tuple[Tensor, LayerLinearization]:
+    return module(x), Dense(module.weight)
+
+
+@_register(nn.Sequential)
+def _sequential(module: nn.Sequential, x: Tensor) -> tuple[Tensor, LayerLinearization]:
+    return _linearize_sequence(list(module), x)
+
+
+@_register(MLP)
+def _mlp(mlp: MLP, x: Tensor) -> tuple[Tensor, LayerLinearization]:
+    # MLP.forward is act(linear(x)) for every layer but the last.
+    modules: list[nn.Module] = []
+    for linear in mlp.linears[:-1]:
+        modules += [linear, mlp.act]
+    return _linearize_sequence([*modules, mlp.linears[-1]], x)
+
+
+class _Conv:
+    """The tangent of a 2-d convolution is the convolution without bias; its transpose is the
+    transposed convolution."""
+
+    def __init__(self, conv: nn.Conv2d, in_size: Sequence[int]) -> None:
+        self.conv, self.in_size = conv, tuple(in_size)
+
+    def jvp(self, T: Tensor) -> Tensor:
+        c = self.conv
+        out = F.conv2d(fold(T), c.weight, None, c.stride, c.padding, c.dilation, c.groups)
+        return unfold(out, T)
+
+    def vjp(self, C: Tensor) -> Tensor:
+        c = self.conv
+        size = (C.shape[0] * C.shape[1], *self.in_size)
+        out = nn.grad.conv2d_input(
+            size, c.weight, fold(C), c.stride, c.padding, c.dilation, c.groups
+        )
+        return unfold(out, C)
+
+
+@_register(nn.Conv2d)
+def _conv2d(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, LayerLinearization]:
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return conv(x), FuncLayer(conv, x, "Conv2d")
+    return conv(x), _Conv(conv, x.shape[1:])
+
+
+class _GroupNorm:
+    """GroupNorm's Jacobian per group: γ ⊙ (t - mean(t) - x̂ mean(x̂ ⊙ t)) / σ (symmetric part
+    between the γ scalings)."""
+
+    def __init__(self, xhat: Tensor, inv_std: Tensor, weight: Tensor | None, groups: int):
+        self.xhat, self.inv_std, self.weight, self.groups = xhat, inv_std, weight, groups
+
+    def _project(self, T: Tensor) -> Tensor:
+        B, K = T.shape[:2]
+        t = T.reshape(B, K, self.groups, -1)
+        xhat = self.xhat.unsqueeze(1)
+        mean_t = t.mean(-1, keepdim=True)
+        mean_xt = (xhat * t).mean(-1, keepdim=True)
+        return ((t - mean_t - xhat * mean_xt) * self.inv_std.unsqueeze(1)).reshape(T.shape)
+
+    def _gamma(self, T: Tensor) -> Tensor:
+        if self.weight is None:
+            return T
+        return T * self.weight.view(-1, *([1] * (T.dim() - 3)))
+
+    def jvp(self, T: Tensor) -> Tensor:
+        return self._gamma(self._project(T))
+
+    def vjp(self, C: Tensor) -> Tensor:
+        return self._project(self._gamma(C))
+
+
+@_register(nn.GroupNorm)
+def _group_norm(gn: nn.GroupNorm, x: Tensor) -> tuple[Tensor, LayerLinearization]:
+    B, G = x.shape[0], gn.num_groups
+    xg = x.reshape(B, G, -1)
+    centred = xg - xg.mean(-1, keepdim=True)
+    inv_std = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + gn.eps)
+    xhat = centred * inv_std
+    y = xhat.reshape(x.shape)
+    if gn.affine:
+        shape = (-1, *([1] * (x.dim() - 2)))
+        y = y * gn.weight.view(shape) + gn.bias.view(shape)
+    return y, _GroupNorm(xhat, inv_std, gn.weight if gn.affine else None, G)
+
+
+@_register(ConvResNet)
+def _conv_resnet(net: ConvResNet, x: Tensor) -> tuple[Tensor, LayerLinearization]:
+    h, first = linearize_module(net.in_conv, x)
+    parts = [first]
+    for block in net.blocks:
+        r, lin = linearize_module(block, h)
+        h = h + r
+        parts.append(Residual(lin))
+    y, last = linearize_module(net.out, h)
+    return y, Chain([*parts, last])
+
+
+# --- plain MLP decoders --------------------------------------------------------------------
+
+
 def supports_sequential(decoder: object) -> bool:
-    """Whether ``decoder`` is an ``nn.Sequential`` this module linearizes explicitly: only
-    ``nn.Linear``, ``nn.Identity`` and the supported elementwise activations (Tanh, Sigmoid,
-    ReLU, LeakyReLU, ELU, Softplus, SiLU, exact GELU), at least one Linear, no hooks."""
-    if not isinstance(decoder, nn.Sequential) or len(decoder) == 0:
-        return False
-    if decoder._forward_hooks or decoder._forward_pre_hooks:
+    """Whether ``decoder`` is an ``nn.Sequential`` MLP that :func:`rnf_fast.linearize`
+    linearizes explicitly: only ``nn.Linear``, ``nn.Identity`` and the activations of
+    :func:`supports_activation` (exact types), at least one Linear, no hooks."""
+    if type(decoder) is not nn.Sequential or len(decoder) == 0 or _hooked(decoder):
         return False
     has_linear = False
     for m in decoder:
-        if m._forward_hooks or m._forward_pre_hooks:
+        if _hooked(m):
             return False
-        if isinstance(m, nn.Linear):
+        if type(m) is nn.Linear:
             has_linear = True
-        elif not isinstance(m, nn.Identity) and _derivative(m) is None:
+        elif type(m) is not nn.Identity and not supports_activation(m):
             return False
     return has_linear
 
 
-class SequentialLinearization:
-    """:class:`rnf_fast.Linearization` of a supported ``nn.Sequential`` MLP at z.
+class SequentialLinearization(Linearization):
+    """:class:`rnf_fast.Linearization` of a supported ``nn.Sequential`` MLP at z, through the
+    rules of :func:`linearize_module`.
 
     Arguments:
         decoder: an ``nn.Sequential`` for which :func:`supports_sequential` holds.
         z: (B, d) the point (may require grad).
+
+    Example:
+        >>> mlp = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 40))
+        >>> lin = SequentialLinearization(mlp, torch.randn(5, 2))
+        >>> lin.gram().shape  # A = Mᵀ(WᵀW)M: the last Linear is narrow (3 < 40)
+        torch.Size([5, 2, 2])
     """
 
+    path = "explicit"
     batching = "explicit"
-    fallback_reason = None
 
-    def __init__(self, decoder: nn.Sequential, z: Tensor):
+    def __init__(self, decoder: nn.Sequential, z: Tensor) -> None:
         if not supports_sequential(decoder):
             raise TypeError(
                 "decoder must be an nn.Sequential of Linear layers and supported "
@@ -100,54 +350,30 @@ class SequentialLinearization:
         self.decoder = decoder
         self.z = z
         with torch.no_grad():
-            self.out, self._steps = self._primal(z.detach())
-        self._WTW: Tensor | None = None
+            self.out, self._chain = _linearize_sequence(list(decoder), z.detach())
+        self._WtW: Tensor | None = None
 
-    def _primal(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor | None, Tensor | None]]]:
-        """Run the decoder, returning its output and its Jacobian as a chain of steps
-        (W, s): t -> (t Wᵀ) ⊙ s, with W None for an activation not preceded by a Linear and s
-        None for a Linear not followed by an activation. Each Linear is fused with the σ'(a) of
-        the activation right after it, so one ``scaled_linear`` call serves both."""
-        steps: list[tuple[Tensor | None, Tensor | None]] = []
-        fusable = False
-        for m in self.decoder:
-            if isinstance(m, nn.Identity):
-                continue
-            if isinstance(m, nn.Linear):
-                steps.append((m.weight, None))
-                fusable = True
-            else:
-                slope = _derivative(m)(x)
-                if fusable:
-                    steps[-1] = (steps[-1][0], slope)
-                else:
-                    steps.append((None, slope))
-                fusable = False
-            x = m(x)
-        return x, steps
-
-    @staticmethod
-    def _push(T: Tensor, steps: list[tuple[Tensor | None, Tensor | None]]) -> Tensor:
-        for W, s in steps:
-            T = T * s.unsqueeze(1) if W is None else scaled_linear(T, W, s)
-        return T
+    def _final_weight(self) -> Tensor | None:
+        """The weight (D, n) of a final Linear with no activation after it, else None."""
+        last = self._chain.parts[-1]
+        if isinstance(last, Dense) and last.scale is None:
+            return last.weight
+        return None
 
     def jvp(self, V: Tensor, *, create_graph: bool = False) -> Tensor:
+        """J v_k per sample: V (B, K, d) -> (B, K, D); differentiable in z and the decoder's
+        parameters with ``create_graph`` (the primal re-runs once with the graph)."""
         if not create_graph:
             with torch.no_grad():
-                return self._push(V, self._steps)
-        _, steps = self._primal(self.z)
-        return self._push(V, steps)
+                return self._chain.jvp(V)
+        with torch.enable_grad():
+            _, chain = _linearize_sequence(list(self.decoder), self.z)
+            return chain.jvp(V)
 
-    @staticmethod
-    def _pull(C: Tensor, steps: list[tuple[Tensor | None, Tensor | None]]) -> Tensor:
-        for W, s in reversed(steps):
-            C = C * s.unsqueeze(1) if W is None else scaled_linear(C, W, s, transpose=True)
-        return C
-
-    def vjp(self, W: Tensor) -> Tensor:
+    def vjp(self, C: Tensor) -> Tensor:
+        """Jᵀ c_k per sample, no graph: C (B, K, D) -> (B, K, d)."""
         with torch.no_grad():
-            return self._pull(W, self._steps)
+            return self._chain.vjp(C)
 
     def gram(self, *, create_graph: bool = False) -> Tensor | None:
         """A = JᵀJ (B, d, d) without forming J, when the decoder ends in a Linear W (D, n)
@@ -158,19 +384,22 @@ class SequentialLinearization:
         Arguments:
             create_graph: differentiable with respect to z and the decoder's parameters.
         """
-        W, s = self._steps[-1]
-        if W is None or s is not None:
+        weight = self._final_weight()
+        if weight is None:
             return None
         B, d = self.z.shape
-        D, n = W.shape
+        D, n = weight.shape
         # Multiply-adds: (M G) Mᵀ and G = WᵀW against J = W M and JᵀJ.
         if B * d * n * (n + d) + n * n * D >= B * d * D * (n + d):
             return None
         with torch.set_grad_enabled(create_graph):
-            steps = self._primal(self.z)[1] if create_graph else self._steps
+            chain = (
+                _linearize_sequence(list(self.decoder), self.z)[1] if create_graph else self._chain
+            )
+            hidden = Chain(chain.parts[:-1])
             E = torch.eye(d, dtype=self.z.dtype, device=self.z.device).expand(B, d, d)
-            MT = self._push(E, steps[:-1])  # (B, d, n): row k is M e_k
-            A = (MT @ (W.T @ W)) @ MT.transpose(1, 2)
+            MT = hidden.jvp(E)  # (B, d, n): row k is M e_k
+            A = (MT @ (weight.T @ weight)) @ MT.transpose(1, 2)
             return 0.5 * (A + A.transpose(1, 2))
 
     def gram_mv_hidden(self, V: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -186,24 +415,21 @@ class SequentialLinearization:
         Returns:
             ((B, K, n), (B, K, d)), or None.
         """
-        W, s = self._steps[-1]
-        if W is None or s is not None:
+        weight = self._final_weight()
+        if weight is None:
             return None
         B, K, d = V.shape
-        D, n = W.shape
+        D, n = weight.shape
         if 2 * n * D <= n * n or B * K * d * (2 * n * D - n * n) <= n * n * D:
             return None
         with torch.no_grad():
-            if self._WTW is None:
-                self._WTW = W.T @ W
-            H = self._push(V, self._steps[:-1])
-            return H, self._pull(H @ self._WTW, self._steps[:-1])
+            if self._WtW is None:
+                self._WtW = weight.T @ weight
+            hidden = Chain(self._chain.parts[:-1])
+            H = hidden.jvp(V)
+            return H, hidden.vjp(H @ self._WtW)
 
     def lift(self, H: Tensor) -> Tensor:
         """J v from the M v of :meth:`gram_mv_hidden`: H (B, K, n) -> (B, K, D), no graph."""
         with torch.no_grad():
-            return H @ self._steps[-1][0].T
-
-    def gram_mv(self, V: Tensor) -> tuple[Tensor, Tensor]:
-        JV = self.jvp(V)
-        return JV, self.vjp(JV)
+            return H @ self._chain.parts[-1].weight.T

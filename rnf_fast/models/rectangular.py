@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..engine.api import Method, logdet
 from ..flows import ActNorm, Permutation
-from ..linearize.flows import PaddedFlowLinearization
+from ..linearize.flows import PaddedFlowDecoder, PaddedFlowLinearization
 from .builders import build_f, build_h
 from .config import FlowConfig
 from .serialization import atomic_save, load_payload, load_state
@@ -79,9 +79,8 @@ class RectangularDecoder(nn.Module):
 
     def linearize(self, z: Tensor) -> PaddedFlowLinearization:
         """The decoder linearized at z (B, d): a :class:`rnf_fast.Linearization`."""
-        model = self.model
-        _check_rows("z", z, model.d, "d")
-        return PaddedFlowLinearization(z, flows=(model.pad_permutation, model.f), D=model.D)
+        _check_rows("z", z, self.model.d, "d")
+        return self.model._padded_flows().linearize(z)
 
 
 class RectangularFlow(nn.Module):
@@ -161,9 +160,11 @@ class RectangularFlow(nn.Module):
             x (B, D).
         """
         _check_rows("z", z, self.d, "d")
-        padded = torch.cat([z, z.new_zeros(z.shape[0], self.D - self.d)], dim=1)
-        y, _ = self.pad_permutation(padded)
-        return self.f(y)[0]
+        return self._padded_flows()(z)
+
+    def _padded_flows(self) -> PaddedFlowDecoder:
+        """g = f ∘ perm ∘ pad as the shared padded-flow decoder (no checks)."""
+        return PaddedFlowDecoder((self.pad_permutation, self.f), D=self.D)
 
     @property
     def decoder(self) -> RectangularDecoder:

@@ -5,8 +5,9 @@ C++ kernels on CPU (threads over systems) and CUDA kernels when the extension wa
 CUDA. Each call falls back to the reference where the kernels do not reach: no extension,
 dtypes other than float32/float64, mixed dtypes or devices, other devices, d (Cholesky) or M
 (Lanczos steps) above ``_C.MAX_DIM`` = 64, more than ``_C.MAX_JITTER_STEPS`` jitters, or a
-non-contiguous CG state. Ops with no compiled version (``gram``, ``cg_init``,
-``lanczos_tridiagonal``) are the reference's.
+non-contiguous CG state. The module holds only the compiled ops; for the others (``gram``,
+``cg_init``, ``lanczos_tridiagonal``, the matvec ops) :mod:`rnf_fast.ops.dispatch` gives the
+reference's.
 
 ``RNF_FAST_NO_CUDA_EXT=1`` in the environment (read at each call) switches the CUDA kernels
 off: ops on CUDA tensors then run the reference, and the CPU kernels are unaffected
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .reference import JITTER_STEPS, CGState, cg_init, gram, lanczos_tridiagonal
+from .reference import JITTER_STEPS, CGState
 
 try:
     from .. import _C
@@ -39,16 +40,11 @@ else:
     _IMPORT_ERROR = None
 
 __all__ = [
-    "CGState",
-    "cg_init",
     "cg_update",
     "cholesky_logdet",
     "cholesky_inverse",
     "cuda_unavailable_reason",
-    "gram",
-    "JITTER_STEPS",
     "lanczos_logquad",
-    "lanczos_tridiagonal",
     "NO_CUDA_EXT_ENV",
     "unavailable_reason",
 ]
@@ -116,7 +112,7 @@ def cg_update(state: CGState, Ap: Tensor, tol: float) -> Tensor:
     state's tensors are updated in place rather than replaced.
 
     Arguments:
-        state: the :class:`CGState` to advance (from :func:`cg_init`).
+        state: the :class:`~rnf_fast.ops.reference.CGState` to advance (from ``cg_init``).
         Ap: (N, d) the operator applied to ``state.p``.
         tol: relative residual tolerance.
 

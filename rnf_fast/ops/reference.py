@@ -1,14 +1,23 @@
-"""Plain-PyTorch versions of the engine's small numerical ops: the spec and the fallback.
+"""Plain-PyTorch versions of every op: the spec and the fallback.
 
-Every op here has one name that later backends (Triton kernels in ``rnf_fast.kernels``, the
-compiled extension ``rnf_fast._C``) implement with the same signature and semantics; the
-backend registry in :mod:`rnf_fast.ops.dispatch` picks one per call. This module always imports.
+Every op here has one name that the backends (:mod:`rnf_fast.ops.cpp` over the compiled
+extension ``rnf_fast._C``, :mod:`rnf_fast.ops.triton` over the Triton kernels of
+:mod:`rnf_fast.kernels`) implement with the same signature and semantics where they implement
+it at all; :mod:`rnf_fast.ops.dispatch` picks the backend per call and falls back to this module
+for every op a backend lacks. This module always imports.
 
-Ops:
+Ops of the linearizations' tangent and cotangent passes:
+    scaled_linear(X, W, S)          (X Wᵀ) ⊙ S for many tangents, or its transpose.
+    coupling_tangent(...)           Tangents of a coupling layer's transformed half.
+    coupling_cotangent(...)         Cotangents of the same.
+
+Ops of the log-det engine:
     gram(J)                         A = JᵀJ per sample.
     cholesky_logdet(A, ...)         Batched Cholesky with bounded jitter, log det A.
     cholesky_inverse(L)             A⁻¹ from the Cholesky factor.
+    cg_init(b, max_iter)            The zero-start CG state (:class:`CGState`).
     cg_update(state, Ap, tol)       One fused conjugate-gradient step for many systems.
+    lanczos_tridiagonal(...)        The Lanczos matrices that CG's coefficients imply.
     lanczos_logquad(...)            Stochastic Lanczos quadrature of vᵀ log(A) v.
 """
 
@@ -25,11 +34,71 @@ __all__ = [
     "cg_update",
     "cholesky_logdet",
     "cholesky_inverse",
+    "coupling_cotangent",
+    "coupling_tangent",
     "gram",
     "JITTER_STEPS",
     "lanczos_logquad",
     "lanczos_tridiagonal",
+    "scaled_linear",
 ]
+
+
+def scaled_linear(
+    X: Tensor, W: Tensor, S: Tensor | None = None, *, transpose: bool = False
+) -> Tensor:
+    """Tangents through a linear layer and a diagonal scale: Y = (X Wᵀ) ⊙ S, or with
+    ``transpose=True`` the cotangents Y = (X ⊙ S) W. S is broadcast over the K tangents.
+
+    Arguments:
+        X: (B, K, n_in) tangents (``transpose=True``: (B, K, n_out) cotangents).
+        W: (n_out, n_in) the layer's weight.
+        S: (B, n_out) per-sample scale (an activation's derivative σ'(a)), or None.
+        transpose: apply the transposed map.
+
+    Returns:
+        (B, K, n_out) (``transpose=True``: (B, K, n_in)).
+
+    Example:
+        >>> X, W, S = torch.randn(2, 3, 4), torch.randn(5, 4), torch.rand(2, 5)
+        >>> scaled_linear(X, W, S).shape
+        torch.Size([2, 3, 5])
+        >>> scaled_linear(torch.randn(2, 3, 5), W, S, transpose=True).shape
+        torch.Size([2, 3, 4])
+    """
+    if transpose:
+        return (X if S is None else X * S.unsqueeze(1)) @ W
+    Y = X @ W.T
+    return Y if S is None else Y * S.unsqueeze(1)
+
+
+def coupling_tangent(dx_t: Tensor, dtheta: Tensor, dy_dx: Tensor, dy_dtheta: Tensor) -> Tensor:
+    """Tangents of a coupling layer's transformed half: ẏ = ∂y/∂x ⊙ ẋ + Σ_p ∂y/∂θ_p ⊙ θ̇_p.
+
+    Arguments:
+        dx_t: (B, K, m) tangents of the transformed inputs x.
+        dtheta: (B, K, m, P) tangents of the transform's parameters θ.
+        dy_dx: (B, m) cached ∂y/∂x, broadcast over K.
+        dy_dtheta: (B, m, P) cached ∂y/∂θ, broadcast over K.
+
+    Returns:
+        (B, K, m) tangents of the outputs y.
+    """
+    return dy_dx.unsqueeze(1) * dx_t + (dy_dtheta.unsqueeze(1) * dtheta).sum(-1)
+
+
+def coupling_cotangent(dy_t: Tensor, dy_dx: Tensor, dy_dtheta: Tensor) -> tuple[Tensor, Tensor]:
+    """Cotangents of a coupling layer's transformed half: x̄ = ∂y/∂x ⊙ ȳ, θ̄_p = ∂y/∂θ_p ⊙ ȳ.
+
+    Arguments:
+        dy_t: (B, K, m) cotangents of the outputs y.
+        dy_dx: (B, m) cached ∂y/∂x, broadcast over K.
+        dy_dtheta: (B, m, P) cached ∂y/∂θ, broadcast over K.
+
+    Returns:
+        (B, K, m) cotangents of x and (B, K, m, P) of θ.
+    """
+    return dy_dx.unsqueeze(1) * dy_t, dy_dtheta.unsqueeze(1) * dy_t.unsqueeze(-1)
 
 
 def gram(J: Tensor) -> Tensor:

@@ -1,18 +1,25 @@
 """The ``"triton"`` backend: the Triton kernels of :mod:`rnf_fast.kernels` on CUDA tensors.
 
-The same op names, signatures and semantics as :mod:`rnf_fast.ops.reference` (the spec). ``gram``
-and ``cg_update`` run Triton kernels (float32 and float64, one launch each, no host
-synchronisation); the per-system sequential ops (``cholesky_logdet``, ``cholesky_inverse``,
-``lanczos_logquad``) are those of :mod:`rnf_fast.ops.cpp`, which runs the compiled CUDA
-kernels where ``rnf_fast._C`` was built with CUDA and the reference otherwise. Each op falls
-back to the reference where the kernels do not reach: tensors off CUDA, other dtypes, or a
-CG state with non-contiguous tensors.
+Its ops have the names, signatures and semantics of :mod:`rnf_fast.ops.reference` (the spec):
+``scaled_linear``, ``coupling_tangent`` and ``coupling_cotangent`` (float32, no autograd graph
+recorded through them: the kernels have no backward), ``gram`` and ``cg_update`` (float32 and
+float64, one launch each, no host synchronisation). Each runs the reference where the kernel
+does not reach: tensors off CUDA, other dtypes, a CG state with non-contiguous tensors, Triton
+not usable. The ops this module lacks (Cholesky, Lanczos) are those of the ``"cpp"`` backend,
+the base that :mod:`rnf_fast.ops.dispatch` gives this one.
 
-Triton can be off while the backend is selected: a kernel that fails to compile or to build its
-launcher warns once, returns the reference's result, and switches Triton off for the process
-(:func:`rnf_fast.kernels.run_triton`). The backend then stays usable by name, its ops running
-the reference, while ``"auto"`` skips it (:func:`disabled_reason`). ``RNF_FAST_NO_TRITON=1``
-makes it unavailable altogether.
+When Triton does not run:
+
+- ``RNF_FAST_NO_TRITON=1`` in the environment switches every Triton path off; the backend is
+  then unavailable by name. It is read at each call, not at import.
+- A kernel that fails to compile or to build its launcher (Triton compiles each kernel and a
+  small C launcher at first use: that needs a C compiler and the Python headers), or a Triton
+  that does not import, makes :func:`run_triton` warn once (:class:`TritonFallbackWarning`),
+  return the reference's result, and keep Triton off for the rest of the process
+  (:func:`triton_failure` gives the cause). The backend then stays usable by name, its ops
+  running the reference, while ``"auto"`` skips it (:func:`disabled_reason`). An asynchronous
+  CUDA fault (an illegal memory access, say) leaves the device unusable: it is raised, never
+  hidden behind a fallback.
 
 Like the ``"cpp"`` backend, :func:`cg_update` updates the state's tensors in place (the
 reference rebinds some of them).
@@ -20,35 +27,105 @@ reference rebinds some of them).
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import Tensor
 
-from ..kernels import (
-    run_triton,
-    triton_available,
-    triton_disabled_reason,
-    triton_failure,
-    triton_unavailable_reason,
-)
 from . import reference
-from .cpp import cholesky_inverse, cholesky_logdet, lanczos_logquad
-from .reference import JITTER_STEPS, CGState, cg_init, lanczos_tridiagonal
+from .reference import CGState
 
 __all__ = [
-    "CGState",
-    "cg_init",
+    "NO_TRITON_ENV",
+    "TritonFallbackWarning",
     "cg_update",
-    "cholesky_inverse",
-    "cholesky_logdet",
+    "coupling_cotangent",
+    "coupling_tangent",
     "disabled_reason",
     "gram",
-    "JITTER_STEPS",
-    "lanczos_logquad",
-    "lanczos_tridiagonal",
+    "launch_cg_update",
+    "run_triton",
+    "scaled_linear",
+    "triton_available",
+    "triton_disabled_reason",
+    "triton_failure",
+    "triton_unavailable_reason",
     "unavailable_reason",
 ]
 
+NO_TRITON_ENV = "RNF_FAST_NO_TRITON"  # "1": no Triton anywhere (read at each call)
+
+# The kernel module holding each op's launcher (same name as the op).
+_KERNEL_MODULES = {
+    "scaled_linear": "linear",
+    "coupling_tangent": "coupling",
+    "coupling_cotangent": "coupling",
+    "gram": "gram",
+    "cg_update": "cg",
+}
 _FLOATS = (torch.float32, torch.float64)
+# Messages of asynchronous CUDA faults: the context is unusable after them, so no fallback.
+_CUDA_FAULT = re.compile(
+    r"CUDA error|Triton Error \[CUDA\]|illegal memory access|device-side assert|"
+    r"unspecified launch failure|misaligned address"
+)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_T = TypeVar("_T")
+_lock = threading.Lock()
+_failure: str | None = None  # the first compile/launcher failure of this process
+
+
+class TritonFallbackWarning(RuntimeWarning):
+    """A Triton kernel failed to compile or launch; the PyTorch reference runs instead."""
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_disabled_reason() -> str | None:
+    """Why Triton is off by configuration: not installed, or switched off by
+    ``RNF_FAST_NO_TRITON=1`` (read at each call); None when neither (a failure at run time is
+    :func:`triton_failure`)."""
+    if not _triton_installed():
+        return "Triton is not installed (pip install triton)"
+    if os.environ.get(NO_TRITON_ENV, "0") == "1":
+        return f"disabled by {NO_TRITON_ENV}=1"
+    return None
+
+
+def triton_failure() -> str | None:
+    """The compile or launcher failure that switched Triton off in this process
+    (``"<op>: <exception type>: <message>"``), or None when there was none."""
+    return _failure
+
+
+def triton_unavailable_reason() -> str | None:
+    """Why the ops run the reference even on CUDA tensors they take, or None when Triton is
+    usable: :func:`triton_disabled_reason`, else a recorded :func:`triton_failure`."""
+    reason = triton_disabled_reason()
+    if reason is None and _failure is not None:
+        reason = f"disabled in this process after a failure in {_failure}"
+    return reason
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run here (installed, not switched off, no failure yet).
+
+    Says nothing of the device: the kernels run on CUDA tensors only.
+    """
+    return triton_unavailable_reason() is None
 
 
 def unavailable_reason() -> str | None:
@@ -65,16 +142,183 @@ def unavailable_reason() -> str | None:
 def disabled_reason() -> str | None:
     """Why the Triton kernels are off after a compile or launcher failure in this process, or
     None. The ops then run the reference; ``"auto"`` no longer picks this backend."""
-    return None if triton_failure() is None else triton_unavailable_reason()
+    return None if _failure is None else triton_unavailable_reason()
 
 
 def _on_cuda(*tensors: Tensor) -> bool:
+    """Whether the tensors are all on one CUDA device."""
     first = tensors[0]
-    return (
-        first.device.type == "cuda"
-        and first.dtype in _FLOATS
-        and all(t.device == first.device for t in tensors)
+    return first.device.type == "cuda" and all(t.device == first.device for t in tensors)
+
+
+def _matvec_takes(*tensors: Tensor | None) -> bool:
+    """The matvec kernels' inputs: float32 on one CUDA device, no graph recorded through them."""
+    present = [t for t in tensors if t is not None]
+    if not _on_cuda(*present) or any(t.dtype != torch.float32 for t in present):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+
+
+def launch_cg_update(state: CGState, Ap: Tensor, tol: float) -> Tensor:
+    """Advance ``state`` by one CG step with the Triton kernel (no fallback), in place.
+
+    The kernel's launcher takes the state's tensors; this passes them and advances
+    ``state.it``. Arguments and result as :func:`cg_update`; the state's tensors must be
+    contiguous, of one float dtype (the flags bool, the step counts int64), on one device.
+    """
+    from ..kernels.cg import cg_update as launch
+
+    s = state
+    alpha = launch(
+        s.x, s.r, s.p, s.rr, s.bb, s.active, s.breakdown, s.steps, s.alphas, s.betas, Ap, s.it, tol
     )
+    state.it += 1
+    return alpha
+
+
+def _kernel(op: str) -> Callable:
+    """The Triton launcher of ``op`` (importing its module imports Triton)."""
+    if op == "cg_update":
+        return launch_cg_update
+    return getattr(importlib.import_module(f"rnf_fast.kernels.{_KERNEL_MODULES[op]}"), op)
+
+
+def _cuda_fault(exc: BaseException) -> bool:
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # recent torch only
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and _CUDA_FAULT.search(str(exc)) is not None
+
+
+def _build_failure(exc: BaseException) -> bool:
+    """A failure to import Triton, compile a kernel or build its launcher (not a bad argument,
+    not an out-of-memory: those are raised as they are)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if isinstance(exc, (ImportError, OSError, subprocess.CalledProcessError, RuntimeError)):
+        return True
+    return any(c.__module__.split(".")[0] == "triton" for c in type(exc).__mro__)
+
+
+def _in_ops(filename: str) -> bool:
+    return os.path.dirname(os.path.abspath(filename)) == _HERE
+
+
+def _stacklevel_outside_ops() -> int:
+    """The ``stacklevel`` that points a warning issued by the caller of this function at the
+    first frame outside rnf_fast/ops (the user's or the linearization's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and _in_ops(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _record_failure(op: str, exc: BaseException) -> None:
+    """Keep the first failure's cause and warn, once per process."""
+    global _failure
+    lines = str(exc).strip().splitlines()
+    message = lines[0][:300].rstrip(".") if lines else ""
+    cause = f"{op}: {type(exc).__name__}: {message}"
+    with _lock:
+        if _failure is not None:
+            return
+        _failure = cause
+    warnings.warn(
+        f"Triton failed in {cause}; the PyTorch reference runs instead and Triton stays off for "
+        "the rest of this process. Triton compiles each kernel and a small C launcher at first "
+        "use, which needs a C compiler (on PATH, or named by CC) and the Python development "
+        f"headers; set {NO_TRITON_ENV}=1 to skip Triton altogether",
+        TritonFallbackWarning,
+        stacklevel=_stacklevel_outside_ops(),
+    )
+
+
+def run_triton(op: str, fallback: Callable[..., _T], *args: object, **kwargs: object) -> _T:
+    """Run the Triton kernel ``op`` on the arguments, or the fallback where Triton fails.
+
+    A failure to import Triton, compile the kernel or build its launcher happens before the
+    kernel writes anything; it is recorded (:func:`triton_failure`), warned about once
+    (:class:`TritonFallbackWarning`), switches Triton off for the process, and the call returns
+    ``fallback(*args, **kwargs)``. An asynchronous CUDA fault, an out-of-memory, or an error
+    about the arguments is raised as it is.
+
+    Arguments:
+        op: the kernel's name: ``"scaled_linear"``, ``"coupling_tangent"``,
+            ``"coupling_cotangent"``, ``"gram"`` or ``"cg_update"``.
+        fallback: the reference with the same signature.
+        args, kwargs: the op's arguments (shapes as in its reference's docstring).
+
+    Returns:
+        What the kernel (or else the fallback) returns.
+    """
+    if op not in _KERNEL_MODULES:
+        raise ValueError(f"op must be one of {sorted(_KERNEL_MODULES)}, got {op!r}")
+    try:
+        return _kernel(op)(*args, **kwargs)
+    except Exception as exc:
+        if _cuda_fault(exc) or not _build_failure(exc):
+            raise
+        _record_failure(op, exc)
+    return fallback(*args, **kwargs)
+
+
+def scaled_linear(
+    X: Tensor, W: Tensor, S: Tensor | None = None, *, transpose: bool = False
+) -> Tensor:
+    """Y = (X Wᵀ) ⊙ S, or with ``transpose=True`` Y = (X ⊙ S) W, S broadcast over the K
+    tangents: :func:`rnf_fast.ops.reference.scaled_linear`, one Triton GEMM on float32 CUDA
+    tensors.
+
+    Arguments:
+        X: (B, K, n_in) tangents (``transpose=True``: (B, K, n_out) cotangents).
+        W: (n_out, n_in) the layer's weight.
+        S: (B, n_out) per-sample scale, or None.
+        transpose: apply the transposed map.
+
+    Returns:
+        (B, K, n_out) (``transpose=True``: (B, K, n_in)).
+    """
+    if not (_matvec_takes(X, W, S) and triton_available()):
+        return reference.scaled_linear(X, W, S, transpose=transpose)
+    return run_triton("scaled_linear", reference.scaled_linear, X, W, S, transpose=transpose)
+
+
+def coupling_tangent(dx_t: Tensor, dtheta: Tensor, dy_dx: Tensor, dy_dtheta: Tensor) -> Tensor:
+    """Tangents of a coupling layer's transformed half, ∂y/∂x ⊙ ẋ + Σ_p ∂y/∂θ_p ⊙ θ̇_p:
+    :func:`rnf_fast.ops.reference.coupling_tangent`, one Triton launch on float32 CUDA tensors.
+
+    Arguments:
+        dx_t: (B, K, m) tangents of the transformed inputs.
+        dtheta: (B, K, m, P) tangents of the transform's parameters.
+        dy_dx: (B, m) cached ∂y/∂x.
+        dy_dtheta: (B, m, P) cached ∂y/∂θ.
+
+    Returns:
+        (B, K, m) tangents of the outputs.
+    """
+    args = (dx_t, dtheta, dy_dx, dy_dtheta)
+    if not (_matvec_takes(*args) and triton_available()):
+        return reference.coupling_tangent(*args)
+    return run_triton("coupling_tangent", reference.coupling_tangent, *args)
+
+
+def coupling_cotangent(dy_t: Tensor, dy_dx: Tensor, dy_dtheta: Tensor) -> tuple[Tensor, Tensor]:
+    """Cotangents of a coupling layer's transformed half, x̄ = ∂y/∂x ⊙ ȳ and θ̄_p = ∂y/∂θ_p ⊙ ȳ:
+    :func:`rnf_fast.ops.reference.coupling_cotangent`, one Triton launch on float32 CUDA
+    tensors.
+
+    Arguments:
+        dy_t: (B, K, m) cotangents of the outputs.
+        dy_dx: (B, m) cached ∂y/∂x.
+        dy_dtheta: (B, m, P) cached ∂y/∂θ.
+
+    Returns:
+        (B, K, m) cotangents of the inputs and (B, K, m, P) of the parameters.
+    """
+    args = (dy_t, dy_dx, dy_dtheta)
+    if not (_matvec_takes(*args) and triton_available()):
+        return reference.coupling_cotangent(*args)
+    return run_triton("coupling_cotangent", reference.coupling_cotangent, *args)
 
 
 def gram(J: Tensor) -> Tensor:
@@ -86,7 +330,8 @@ def gram(J: Tensor) -> Tensor:
     Returns:
         (B, d, d) symmetric positive semi-definite Gram matrices.
     """
-    if J.dim() != 3 or not _on_cuda(J) or not triton_available():
+    takes = J.dim() == 3 and J.dtype in _FLOATS and _on_cuda(J)
+    if not (takes and triton_available()):
         return reference.gram(J)
     return run_triton("gram", reference.gram, J)
 
@@ -94,10 +339,11 @@ def gram(J: Tensor) -> Tensor:
 def cg_update(state: CGState, Ap: Tensor, tol: float) -> Tensor:
     """Advance every active system by one CG step, given A p; update ``state`` in place.
 
-    Same semantics as :func:`rnf_fast.ops.reference.cg_update`, in one fused Triton launch on CUDA.
+    Same semantics as :func:`rnf_fast.ops.reference.cg_update`, in one fused Triton launch on
+    CUDA (:func:`launch_cg_update`).
 
     Arguments:
-        state: the :class:`CGState` to advance (from :func:`cg_init`).
+        state: the :class:`~rnf_fast.ops.reference.CGState` to advance (from ``cg_init``).
         Ap: (N, d) the operator applied to ``state.p``.
         tol: relative residual tolerance.
 
@@ -105,7 +351,7 @@ def cg_update(state: CGState, Ap: Tensor, tol: float) -> Tensor:
         (N,) the step sizes α of this step (0 for inactive systems).
     """
     floats = (state.x, state.r, state.p, state.rr, state.bb, state.alphas, state.betas)
-    same = all(t.dtype == state.x.dtype for t in floats)
+    same = state.x.dtype in _FLOATS and all(t.dtype == state.x.dtype for t in floats)
     tensors = (*floats, state.active, state.breakdown, state.steps, Ap)
     contiguous = all(t.is_contiguous() for t in tensors[:-1])
     if not (same and _on_cuda(*tensors) and contiguous and triton_available()):

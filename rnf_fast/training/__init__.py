@@ -2,15 +2,18 @@
 checkpoints, and multi-process data parallelism.
 
 Example:
-    >>> import torch, tempfile
+    >>> import tempfile
+    >>> import torch
     >>> from rnf_fast.models import RectangularFlow
     >>> from rnf_fast.training import train
     >>> model = RectangularFlow({"D": 3, "d": 2, "f_layers": 1, "h_layers": 1})
     >>> x = torch.randn(64, 3)
-    >>> history = train(model, x[:48], x[48:], {"epochs": 1, "progress": False},
-    ...                 tempfile.mkdtemp())
+    >>> with tempfile.TemporaryDirectory() as run_dir:  # the run folder: log, checkpoints
+    ...     history = train(model, x[:48], x[48:], {"epochs": 1, "progress": False}, run_dir)
     >>> history.stop_reason
     'completed 1 epochs'
+    >>> [record["epoch"] for record in history.records]
+    [0]
 """
 
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint

@@ -55,7 +55,7 @@ def test_train_eval_sample_and_resume(tmp_path):
     assert abs(results["entropy"] - 1.6274) < 1e-3 and np.isfinite(results["nll"])
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     # A second train into the same folder needs --resume; resuming to 3 epochs adds one.
-    with pytest.raises(Exception, match="resume"):
+    with pytest.raises(FileExistsError, match="pass resume=True"):
         train_run(resolve_config("vonmises", file_config=TINY), run)
     more = resolve_config("vonmises", file_config=TINY, overrides={"train": {"epochs": 3}})
     changed = resolve_config("vonmises", file_config=TINY, overrides={"train": {"lr": 0.5}})
@@ -100,11 +100,16 @@ def test_cli_train_with_flags_and_standardizer(tmp_path, capsys):
     assert (run / "standardizer.pt").exists() and (run / "manifold.png").exists()
 
 
-def test_cli_errors(tmp_path):
-    with pytest.raises(SystemExit):
+def test_cli_errors(tmp_path, capsys):
+    # argparse's usage errors: exit status 2 and a message that names the bad value.
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "--method", "svd"])
-    with pytest.raises(SystemExit):
+    assert exit_info.value.code == 2
+    assert "argument --method: invalid choice: 'svd'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "--f-hidden", "64,x"])
+    assert exit_info.value.code == 2
+    assert "expected comma-separated integers, got '64,x'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--resume needs --run-dir"):
         main(["train", "--resume"])
     with pytest.raises(FileNotFoundError, match="not a run folder"):

@@ -16,6 +16,7 @@ from rnf_fast.data import (
     load_dataset,
     random_split,
 )
+from rnf_fast.data.registry import Split
 
 
 def test_import_needs_no_optional_package():
@@ -119,8 +120,15 @@ def test_dataset_checks_shapes_and_filters_classes():
     with pytest.raises(ValueError, match="image_shape"):
         Dataset(name="x", train=t, val=t, test=t, image_shape=(2, 2))
     y = torch.tensor([0, 1, 2, 1])
-    ds = Dataset(name="x", train=torch.arange(12.0).reshape(4, 3), val=t, test=t,
-                 train_labels=y, val_labels=y, test_labels=y)  # fmt: skip
+    ds = Dataset(
+        name="x",
+        train=torch.arange(12.0).reshape(4, 3),
+        val=t,
+        test=t,
+        train_labels=y,
+        val_labels=y,
+        test_labels=y,
+    )
     ones = ds.select_classes([1])
     assert ones.train_labels.tolist() == [1, 1] and ones.train[:, 0].tolist() == [3.0, 9.0]
     assert ones.info["classes"] == [1] and ds.train.shape == (4, 3)
@@ -154,3 +162,21 @@ def test_registry_bad_input_is_helpful(tmp_path):
         load_dataset("npy")
     with pytest.raises(FileNotFoundError, match="power/data.npy"):
         load_dataset("power", root=str(tmp_path))
+
+
+def test_split_options_are_the_loaders_shared_steps():
+    x, y = np.arange(40.0).reshape(20, 2), np.arange(20)
+    split = Split(n_train=7, n_val=0.25, n_test=3, seed=5, dtype=torch.float64)
+    (xs, ys), (want_x, want_y) = (
+        split.shuffle(x, y),
+        random_split(x, labels=y, n_train=7, n_val=0.25, n_test=3, seed=5),
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(xs + ys, want_x + want_y))
+    capped = Split(n_train=4, n_test=2, seed=1).cap([x, x[:5], x[:3]])
+    assert [len(c) for c in capped] == [4, 5, 2]
+    assert not np.array_equal(capped[0], x[:4])  # a seeded subset, not the first rows
+    with pytest.raises(ValueError, match="n_val caps a published split and must be an int"):
+        Split(n_val=0.5).cap([x, x, x])
+    tensors = split.tensors([x[:, :1].T, x])  # a non-contiguous view is copied
+    assert [t.dtype for t in tensors] == [torch.float64] * 2
+    assert torch.equal(tensors[0], torch.from_numpy(x[:, 0])[None])

@@ -1,5 +1,6 @@
 """Tabular loaders on tiny files written in each published format."""
 
+import inspect
 import sys
 import types
 
@@ -110,9 +111,13 @@ def test_miniboone_follows_maf(tmp_path):
 
 @pytest.mark.parametrize("name", ["power", "gas", "hepmass", "miniboone", "bsds300"])
 def test_maf_missing_files_name_the_expected_path(tmp_path, name):
-    expected = {"power": "power/data.npy", "gas": "gas/ethylene_CO.pickle",
-                "hepmass": "hepmass/1000_train.csv", "miniboone": "miniboone/data.npy",
-                "bsds300": "BSDS300/BSDS300.hdf5"}[name]  # fmt: skip
+    expected = {
+        "power": "power/data.npy",
+        "gas": "gas/ethylene_CO.pickle",
+        "hepmass": "hepmass/1000_train.csv",
+        "miniboone": "miniboone/data.npy",
+        "bsds300": "BSDS300/BSDS300.hdf5",
+    }[name]
     with pytest.raises(FileNotFoundError, match=expected):
         load_dataset(name, root=str(tmp_path))
 
@@ -121,10 +126,18 @@ def test_gas_follows_maf(tmp_path):
     pd = pytest.importorskip("pandas", reason="GAS is a pandas pickle")
     rng = np.random.default_rng(2)
     s1, s3, s5 = rng.normal(size=(3, 100))
-    frame = pd.DataFrame({
-        "Time": np.arange(100.0), "Meth": rng.normal(size=100), "Eth": rng.normal(size=100),
-        "s1": s1, "s2": 2 * s1 + 1e-3 * rng.normal(size=100), "s3": s3, "s4": -s3, "s5": s5,
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "Time": np.arange(100.0),
+            "Meth": rng.normal(size=100),
+            "Eth": rng.normal(size=100),
+            "s1": s1,
+            "s2": 2 * s1 + 1e-3 * rng.normal(size=100),
+            "s3": s3,
+            "s4": -s3,
+            "s5": s5,
+        }
+    )
     (tmp_path / "gas").mkdir()
     frame.to_pickle(tmp_path / "gas" / "ethylene_CO.pickle")
     ds = load_gas(tmp_path, dtype=torch.float64)
@@ -151,8 +164,13 @@ def test_hepmass_follows_maf(tmp_path):
     np.savetxt(
         tmp_path / "hepmass" / "1000_train.csv", train, delimiter=",", header=header, comments=""
     )
-    np.savetxt(tmp_path / "hepmass" / "1000_test.csv", test, delimiter=",", header=header + ",junk",
-               comments="")  # fmt: skip
+    np.savetxt(
+        tmp_path / "hepmass" / "1000_test.csv",
+        test,
+        delimiter=",",
+        header=header + ",junk",
+        comments="",
+    )
     ds = load_hepmass(tmp_path, dtype=torch.float64)
     signal = train[train[:, 0] == 1][:, 1:3]
     mu, s = signal.mean(0), signal.std(0, ddof=1)
@@ -197,3 +215,31 @@ def test_missing_optional_packages_say_what_to_install(tmp_path, monkeypatch):
         load_bsds300(tmp_path)
     with pytest.raises(ImportError, match="pip install pandas"):
         load_gas(tmp_path)
+
+
+MAF_LOADERS = {
+    "power": load_power,
+    "gas": load_gas,
+    "hepmass": load_hepmass,
+    "miniboone": load_miniboone,
+    "bsds300": load_bsds300,
+}
+
+
+@pytest.mark.parametrize("name", list(MAF_LOADERS))
+def test_maf_loaders_share_one_signature_and_say_what_they_read(name):
+    # The five are built by one factory: the public signature and name must be the loader's.
+    loader = MAF_LOADERS[name]
+    P = inspect.Parameter
+    params = inspect.signature(loader).parameters.values()
+    assert [(p.name, p.kind, p.default) for p in params] == [
+        ("root", P.POSITIONAL_OR_KEYWORD, P.empty),
+        ("n_train", P.KEYWORD_ONLY, None),
+        ("n_val", P.KEYWORD_ONLY, None),
+        ("n_test", P.KEYWORD_ONLY, None),
+        ("seed", P.KEYWORD_ONLY, 0),
+        ("dtype", P.KEYWORD_ONLY, torch.float32),
+    ]
+    assert loader.__name__ == f"load_{name}"
+    doc = inspect.getdoc(loader)
+    assert "as in MAF" in doc and "n_train, n_val, n_test cap the published splits" in doc, doc

@@ -154,6 +154,16 @@ def test_frechet_distance_bad_input(x, y, match):
 # ------------------------------------------------------------------------------ AUROC
 
 
+def pairwise_auroc(scores_in, scores_out) -> float:
+    """P(s_out > s_in) + ½ P(s_out = s_in), counted over every (in, out) pair: the definition
+    of the AUROC, independent of the rank formula under test."""
+    s_in = torch.as_tensor(scores_in, dtype=DT).flatten()
+    s_out = torch.as_tensor(scores_out, dtype=DT).flatten()
+    greater = (s_out[:, None] > s_in[None, :]).to(DT)
+    equal = (s_out[:, None] == s_in[None, :]).to(DT)
+    return float((greater + 0.5 * equal).mean())
+
+
 def test_auroc_simple_cases():
     assert auroc([0.0, 1.0, 2.0], [3.0, 4.0]) == 1.0
     assert auroc([3.0, 4.0], [0.0, 1.0, 2.0]) == 0.0
@@ -173,6 +183,42 @@ def test_auroc_matches_sklearn_with_ties():
     cont_in, cont_out = rng.normal(size=300), rng.normal(0.5, size=200)
     expected = metrics.roc_auc_score(np.r_[np.zeros(300), np.ones(200)], np.r_[cont_in, cont_out])
     assert auroc(cont_in, cont_out) == pytest.approx(expected, abs=1e-12)
+
+
+def test_auroc_is_the_pairwise_count():
+    g = torch.Generator().manual_seed(0)
+    ties_in = torch.randint(0, 10, (137,), generator=g).to(DT)  # many ties
+    ties_out = torch.randint(2, 12, (91,), generator=g).to(DT)
+    infinite_in = torch.tensor([float("-inf"), 0.0, 1.0, float("inf")], dtype=DT)
+    infinite_out = torch.tensor([float("inf"), 1.0, 5.0], dtype=DT)
+    shifted_in = torch.randn(300, generator=g, dtype=DT)
+    shifted_out = torch.randn(200, generator=g, dtype=DT) + 0.5
+    for s_in, s_out in [
+        (ties_in, ties_out),
+        (infinite_in, infinite_out),
+        (shifted_in, shifted_out),
+    ]:
+        expected = pairwise_auroc(s_in, s_out)
+        assert auroc(s_in, s_out) == pytest.approx(expected, abs=1e-12)
+        # Swapping the roles ranks the other way: the two areas add up to 1.
+        assert auroc(s_out, s_in) == pytest.approx(1 - expected, abs=1e-12)
+    # A shift by 0.5 of unit normals: P(s_out > s_in) = Φ(0.5 / √2) = 0.638, within 4 of the
+    # Mann–Whitney standard errors √((n_in + n_out + 1) / (12 n_in n_out)) = 0.026.
+    expected = 0.5 * (1 + math.erf(0.5 / 2))
+    se = math.sqrt((300 + 200 + 1) / (12 * 300 * 200))
+    assert abs(auroc(shifted_in, shifted_out) - expected) < 4 * se
+
+
+def test_auroc_of_separated_reversed_and_identical_distributions():
+    g = torch.Generator().manual_seed(1)
+    s_in = torch.randn(400, generator=g, dtype=DT)
+    assert auroc(s_in, s_in.max() + 1 + torch.rand(300, generator=g, dtype=DT)) == 1.0
+    assert auroc(s_in, s_in.min() - 1 - torch.rand(300, generator=g, dtype=DT)) == 0.0
+    # Same distribution: mean ½, standard error √((n_in + n_out + 1) / (12 n_in n_out)) (the
+    # Mann–Whitney statistic under the null), 0.022 here; the bound is 4 of them.
+    s_out = torch.randn(300, generator=g, dtype=DT)
+    se = math.sqrt((400 + 300 + 1) / (12 * 400 * 300))
+    assert abs(auroc(s_in, s_out) - 0.5) < 4 * se
 
 
 def test_auroc_bad_input():
@@ -216,7 +262,7 @@ def test_evaluate_gives_the_analytic_nll_recon_error_and_truth_metrics():
     assert out["recon_error"] == pytest.approx(float(off.square().mean()), rel=1e-10)
     assert abs(out["nll"] - entropy) < 4 * out["nll_se"]  # data drawn from the model
     assert out["entropy"] == entropy and out["nll_gap"] == pytest.approx(out["nll"] - entropy)
-    assert out["test_true_nll"] == pytest.approx(out["nll"], rel=1e-12)
+    assert out["test_true_nll"] == pytest.approx(nll.mean(), rel=1e-12)  # of the dataset
     assert out["recon_manifold_distance"] < 1e-10
     assert out["sample_manifold_distance"] < 1e-10
     # Samples come from the plane while x carries off-plane noise (variance 0.01 in 3 dims).
@@ -265,7 +311,9 @@ def test_ood_scores_and_auroc():
     torch.testing.assert_close(scores["nll"], -model.log_prob(x_in))
     aucs = ood_auroc(model, x_in, x_out)
     assert aucs["recon_error"] == 1.0
-    assert 0.0 <= aucs["nll"] <= 1.0
+    # x_out as the positives, scored by -log p of the model.
+    expected = pairwise_auroc(-model.log_prob(x_in), -model.log_prob(x_out))
+    assert aucs["nll"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_evaluate_bad_input():

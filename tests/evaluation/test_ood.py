@@ -22,6 +22,8 @@ from rnf_fast.evaluation.images import (
 )
 from rnf_fast.models import RectangularFlow
 
+from .test_metrics import pairwise_auroc
+
 DTYPE = torch.float64
 
 
@@ -29,11 +31,18 @@ def tiny_model(alpha: float | None = 0.05) -> RectangularFlow:
     """A rectangular flow on 1×4×4 images with random (non-identity) weights, float64, eval."""
     model = RectangularFlow(
         {
-            "D": 16, "d": 3, "image_shape": (1, 4, 4), "image_scales": 2, "image_blocks": 1,
-            "image_channels": 4, "image_res_blocks": 1, "logit_alpha": alpha, "h_layers": 2,
+            "D": 16,
+            "d": 3,
+            "image_shape": (1, 4, 4),
+            "image_scales": 2,
+            "image_blocks": 1,
+            "image_channels": 4,
+            "image_res_blocks": 1,
+            "logit_alpha": alpha,
+            "h_layers": 2,
             "h_hidden": (8,),
         }
-    ).to(DTYPE)  # fmt: skip
+    ).to(DTYPE)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -92,7 +101,7 @@ def test_logit_parts_needs_a_logit_layer():
         logit_space_log_prob(tiny_model(None), pixels(2))
 
 
-def test_classifier_learns_separable_images_and_caches(tmp_path):
+def test_classifier_learns_separable_images():
     generator = torch.Generator().manual_seed(0)
     y = torch.arange(40) % 2
     x = 0.1 * torch.rand(40, 1, 8, 8, generator=generator)
@@ -110,11 +119,16 @@ def test_load_or_train_classifier_reuses_the_cache(tmp_path, monkeypatch):
 
     generator = torch.Generator().manual_seed(0)
     x, y = torch.rand(20, 784, generator=generator), torch.arange(20) % 10
+    test = torch.rand(30, 784, generator=generator), torch.arange(30) % 10
     monkeypatch.setitem(images.CLASSIFIER_DEFAULTS, "epochs", 1)
     path = tmp_path / "clf.pt"
-    clf, info = load_or_train_classifier(path, (x, y), (x[:10], y[:10]))
-    assert path.exists() and info["n_train"] == 20 and 0 <= info["test_accuracy"] <= 1
-    again, info2 = load_or_train_classifier(path, (x, y), (x[:10], y[:10]))
+    clf, info = load_or_train_classifier(path, (x, y), test)
+    assert path.exists() and info["n_train"] == 20 and info["n_test"] == 30
+    # The accuracy on the test pair (not on the training images), counted here.
+    with torch.no_grad():
+        correct = (clf(test[0]).argmax(1) == test[1]).sum().item()
+    assert info["test_accuracy"] == pytest.approx(correct / 30, abs=1e-12)
+    again, info2 = load_or_train_classifier(path, (x, y), test)
     assert info2 == info
     for a, b in zip(clf.parameters(), again.parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -158,10 +172,22 @@ def test_image_metrics_scores_ood_sets_and_the_reference():
     model = tiny_model()
     test_x = pixels(12)
     far = (0.9 + 0.1 * pixels(10, seed=5)).clamp(max=0.999)
-    out = image_metrics(model, test_x, reference_x=pixels(12, seed=2), ood={"far": far}, seed=0)
+    reference = pixels(12, seed=2)
+    out = image_metrics(model, test_x, reference_x=reference, ood={"far": far}, seed=0)
     for key in ("nll_logit", "frechet_pixel", "frechet_pixel_reference", "auroc_nll_far"):
         assert math.isfinite(out[key]), key
-    assert 0 <= out["auroc_recon_far"] <= 1
+    expected_nll = -float(logit_space_log_prob(model, test_x).mean())
+    assert out["nll_logit"] == pytest.approx(expected_nll, rel=1e-12)
+    assert out["frechet_pixel_reference"] == pytest.approx(
+        frechet_distance(reference, test_x), rel=1e-12
+    )
+    # Each OOD AUROC against the pairwise count of its per-sample score, "far" as positives.
+    with torch.no_grad():
+        nll_in, nll_far = -model.log_prob(test_x), -model.log_prob(far)
+        recon_in = (test_x - model.reconstruct(test_x)).square().mean(1)
+        recon_far = (far - model.reconstruct(far)).square().mean(1)
+    assert out["auroc_nll_far"] == pytest.approx(pairwise_auroc(nll_in, nll_far), abs=1e-12)
+    assert out["auroc_recon_far"] == pytest.approx(pairwise_auroc(recon_in, recon_far), abs=1e-12)
     assert out["nonfinite_samples"] == 0
     assert "frechet_classifier" not in out
 

@@ -164,10 +164,17 @@ def test_plot_samples_and_reconstructions(tmp_path):
 def test_plot_training_curves(tmp_path):
     log = tmp_path / "metrics.jsonl"
     lines = [
-        {"epoch": e, "train_loss": 10 / (e + 1), "val_loss": 11 / (e + 1), "nll": 3 - 0.1 * e,
-         "recon": 1e-1 * 0.5**e, "lr": 1e-3, "step": 10 * e}
+        {
+            "epoch": e,
+            "train_loss": 10 / (e + 1),
+            "val_loss": 11 / (e + 1),
+            "nll": 3 - 0.1 * e,
+            "recon": 1e-1 * 0.5**e,
+            "lr": 1e-3,
+            "step": 10 * e,
+        }
         for e in range(12)
-    ]  # fmt: skip
+    ]
     text = "\n".join(json.dumps(r) for r in lines) + '\n\n{"summary": true, "test_nll": 1.7}\n'
     log.write_text(text)
     path = tmp_path / "curves.png"

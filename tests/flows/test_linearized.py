@@ -35,13 +35,9 @@ from rnf_fast.flows import (
     image_flow,
 )
 from rnf_fast.flows.preprocess import Logit
-from rnf_fast.linearize.flows import (
-    coupling_cotangent,
-    coupling_tangent,
-    func_fallbacks,
-    linearize_flow,
-    linearize_module,
-)
+from rnf_fast.linearize.flows import coupling_cotangent, coupling_tangent, linearize_flow
+from rnf_fast.linearize.generic import FuncLayer, func_fallbacks
+from rnf_fast.linearize.modules import linearize_module
 from rnf_fast.testing import NonVmappableDecoder
 
 DTYPE = torch.float64
@@ -301,7 +297,10 @@ def test_non_vmappable_layer_falls_back_to_repeat() -> None:
     want_vjp = torch.stack([pullback(T[:, k])[0] for k in range(3)], dim=1)
     assert rel(lin.jvp(T), want_jvp) < TOL
     assert rel(lin.vjp(T), want_vjp) < TOL
-    assert not lin.parts[0].vmappable
+    # The per-layer fallback is the decoder-level one: it switched to repeat and says why.
+    piece = lin.parts[0]
+    assert isinstance(piece, FuncLayer) and piece.batching == "repeat"
+    assert piece.fallback_reason is not None and "vmap" in piece.fallback_reason
 
 
 def test_module_rules_and_submodule_fallback() -> None:

@@ -83,9 +83,8 @@ def test_dequantized_pixels_round_trip_to_their_levels_and_through_the_logit():
 
 def small_decoder(alpha: float | None) -> Inverse:
     flow = image_decoder(
-        (1, 4, 4), logit_alpha=alpha, num_scales=2, blocks_per_scale=1, channels=4,
-        num_res_blocks=1,
-    )  # fmt: skip
+        (1, 4, 4), logit_alpha=alpha, num_scales=2, blocks_per_scale=1, channels=4, num_res_blocks=1
+    )
     return randomize(flow, std=0.2).eval()
 
 

@@ -1,6 +1,10 @@
 """cg_update (Triton, interpreted) against rnf_fast.ops.reference.cg_update and an
 extended-precision truth.
 
+The steps run through ``launch_cg_update`` of rnf_fast.ops.triton, the adapter that passes a
+CGState's tensors to the kernel's launcher and advances the state's step counter; the argument
+checks are the launcher's own.
+
 Each check starts from one CG state and takes one step with the kernel and with PyTorch at the
 same precision. The discrete outcome (active, breakdown, steps) must equal the reference's; each
 floating-point value obeys the closeness rule against its extended-precision truth, computed
@@ -14,9 +18,10 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 import torch
+from rnf_fast.kernels.cg import cg_update as launch
 
-from kernels.cg import cg_update
 from rnf_fast.ops import reference
+from rnf_fast.ops.triton import launch_cg_update as cg_update
 from rnf_fast.testing import assert_within_2x
 
 
@@ -33,8 +38,14 @@ def _systems(N, d, dtype, generator):
 
 
 def _clone(state):
-    return replace(state, **{f.name: getattr(state, f.name).clone() for f in fields(state)
-                             if isinstance(getattr(state, f.name), torch.Tensor)})  # fmt: skip
+    return replace(
+        state,
+        **{
+            f.name: getattr(state, f.name).clone()
+            for f in fields(state)
+            if isinstance(getattr(state, f.name), torch.Tensor)
+        },
+    )
 
 
 def _stage_truths(state, Ap, run):
@@ -90,13 +101,21 @@ def _check_step(state, Ap, tol, label):
     for name in ("active", "breakdown", "steps"):
         assert torch.equal(getattr(kern, name), getattr(ref, name)), f"{label}: {name} differs"
     assert torch.equal(kern.alphas[:, it], alpha)
-    ours = {"x": kern.x, "r": kern.r, "p": kern.p, "rr": kern.rr, "alpha": alpha,
-            "beta": kern.betas[:, it], "still": kern.active}  # fmt: skip
+    ours = {
+        "x": kern.x,
+        "r": kern.r,
+        "p": kern.p,
+        "rr": kern.rr,
+        "alpha": alpha,
+        "beta": kern.betas[:, it],
+        "still": kern.active,
+    }
     unfused = _unfused_step(state, Ap, tol)
     truth, torch_truth = (_stage_truths(state, Ap, run) for run in (ours, unfused))
     for name in ("alpha", "x", "r", "rr", "beta", "p"):
-        assert_within_2x(f"{label} {name}", ours[name], unfused[name], truth[name],
-                         torch_truth[name])  # fmt: skip
+        assert_within_2x(
+            f"{label} {name}", ours[name], unfused[name], truth[name], torch_truth[name]
+        )
 
 
 # (N, d): d below, at and past a power of two, and past the 128-wide chunk (every sweep loops);
@@ -162,13 +181,40 @@ def test_cg_with_the_kernel_solves_like_the_reference():
     )
 
 
+def _launch_args(state, Ap):
+    """The launcher's arguments for one step from ``state``."""
+    s = state
+    return (
+        s.x,
+        s.r,
+        s.p,
+        s.rr,
+        s.bb,
+        s.active,
+        s.breakdown,
+        s.steps,
+        s.alphas,
+        s.betas,
+        Ap,
+        s.it,
+        1e-4,
+    )
+
+
 def test_cg_update_rejects_bad_input():
     state = reference.cg_init(torch.randn(3, 4), 2)
     with pytest.raises(ValueError, match=r"Ap must be \(N, d\) = \(3, 4\)"):
         cg_update(state, torch.randn(3, 5), 1e-4)
     bad = replace(state, alphas=state.alphas.T.contiguous().T)
-    with pytest.raises(TypeError, match="state.alphas must be a contiguous"):
+    with pytest.raises(TypeError, match="alphas must be a contiguous"):
         cg_update(bad, torch.randn(3, 4), 1e-4)
+    args = list(_launch_args(state, torch.randn(3, 4)))
+    args[7] = state.steps.int()
+    with pytest.raises(TypeError, match="steps must be a contiguous torch.int64"):
+        launch(*args)
+    with pytest.raises(ValueError, match=r"x must be \(N, d\)"):
+        launch(state.x[0], *_launch_args(state, torch.randn(3, 4))[1:])
     state.it = 2
     with pytest.raises(ValueError, match="past the Lanczos buffers"):
         cg_update(state, torch.randn(3, 4), 1e-4)
+    assert state.it == 2  # a rejected step leaves the state as it was

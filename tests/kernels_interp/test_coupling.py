@@ -3,15 +3,22 @@ references and a float64 truth."""
 
 import pytest
 import torch
+from rnf_fast.kernels.coupling import coupling_cotangent, coupling_tangent
 
-from kernels import reference
-from kernels.coupling import coupling_cotangent, coupling_tangent
+from rnf_fast.ops import reference
 from rnf_fast.testing import assert_within_2x
 
 # (B, K, m, P): affine (P = 2) with m past one block of 1024 features, P = 1, a spline-like
 # P = 23 (one block of 32), P = 70 (three chunks of 32, the last masked), P = 8 exactly, P = 0.
-SHAPES = [(2, 3, 5, 2), (2, 2, 1100, 2), (3, 2, 7, 1), (2, 2, 37, 23), (2, 3, 40, 70),
-          (2, 3, 64, 8), (2, 1, 4, 0)]  # fmt: skip
+SHAPES = [
+    (2, 3, 5, 2),
+    (2, 2, 1100, 2),
+    (3, 2, 7, 1),
+    (2, 2, 37, 23),
+    (2, 3, 40, 70),
+    (2, 3, 64, 8),
+    (2, 1, 4, 0),
+]
 
 
 def _factors(B, K, m, P):
@@ -37,8 +44,9 @@ def test_coupling_cotangent_matches_reference(shape):
     dy_t = torch.randn(B, K, m)
     dx_t, dtheta = coupling_cotangent(dy_t, dy_dx, dy_dtheta)
     ref_x, ref_theta = reference.coupling_cotangent(dy_t, dy_dx, dy_dtheta)
-    true_x, true_theta = reference.coupling_cotangent(dy_t.double(), dy_dx.double(),
-                                                      dy_dtheta.double())  # fmt: skip
+    true_x, true_theta = reference.coupling_cotangent(
+        dy_t.double(), dy_dx.double(), dy_dtheta.double()
+    )
     assert_within_2x(f"coupling_cotangent{shape} dx", dx_t, ref_x, true_x)
     if P > 0:
         assert_within_2x(f"coupling_cotangent{shape} dtheta", dtheta, ref_theta, true_theta)
@@ -53,8 +61,9 @@ def test_coupling_reads_strided_factors():
     dx_t, dtheta = torch.randn(B, K, m), torch.randn(B, K, m, P)
     got = coupling_tangent(dx_t, dtheta, dy_dx, dy_dtheta)
     ref = reference.coupling_tangent(dx_t, dtheta, dy_dx, dy_dtheta)
-    truth = reference.coupling_tangent(dx_t.double(), dtheta.double(), dy_dx.double(),
-                                       dy_dtheta.double())  # fmt: skip
+    truth = reference.coupling_tangent(
+        dx_t.double(), dtheta.double(), dy_dx.double(), dy_dtheta.double()
+    )
     assert_within_2x("coupling_tangent strided", got, ref, truth)
 
 

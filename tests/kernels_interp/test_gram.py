@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from rnf_fast.kernels.gram import gram
 
-from kernels.gram import gram
 from rnf_fast.ops import reference
 from rnf_fast.testing import assert_within_2x
 
@@ -21,8 +21,7 @@ def _dyadic(shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gram_float32(shape):
     J = torch.randn(shape)
-    assert_within_2x(f"gram{shape} float32", gram(J), reference.gram(J),
-                     reference.gram(J.double()))  # fmt: skip
+    assert_within_2x(f"gram{shape} float32", gram(J), reference.gram(J), reference.gram(J.double()))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

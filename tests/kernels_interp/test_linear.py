@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from rnf_fast.kernels.linear import scaled_linear
 
-from kernels import reference
-from kernels.linear import scaled_linear
+from rnf_fast.ops import reference
 from rnf_fast.testing import assert_within_2x
 
 # (B, K, n_in, n_out): masked edges on every axis, several tiles of rows (B·K > 64), of outputs

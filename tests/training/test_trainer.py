@@ -80,8 +80,10 @@ def test_run_folder_holds_log_checkpoint_and_loadable_models(tmp_path):
 
 def test_early_stopping_counts_from_the_end_of_the_warmup(tmp_path, monkeypatch):
     val_losses = iter([0.0, 5.0, 4.0, 4.5, 4.6, 4.7, 4.8])
+    validated = []  # the weights each validation saw
 
     def fake_validate(self):
+        validated.append({k: v.clone() for k, v in self.model.state_dict().items()})
         return {"val_loss": next(val_losses)}
 
     monkeypatch.setattr(trainer._Run, "validate", fake_validate)
@@ -92,6 +94,11 @@ def test_early_stopping_counts_from_the_end_of_the_warmup(tmp_path, monkeypatch)
     best = RectangularFlow.load(tmp_path / "best.pt")
     for (key, p), q in zip(best.state_dict().items(), model.state_dict().values()):
         assert torch.equal(p, q), key
+    # best.pt holds the weights of epoch 2, which differ from those of the last epoch.
+    assert len(validated) == 5
+    assert any(not torch.equal(p, validated[-1][k]) for k, p in validated[2].items())
+    for key, p in best.state_dict().items():
+        assert torch.equal(p, validated[2][key]), key
 
 
 def nan_every(monkeypatch, period: int) -> None:

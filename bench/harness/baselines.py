@@ -1,5 +1,5 @@
-"""The alternatives rnf_fast is measured against (the dense float64 truth is in
-:mod:`rnf_fast.testing`).
+"""The alternatives rnf_fast is measured against (the dense float64 truth is
+:func:`rnf_fast.testing.dense_logdet`).
 
 - :func:`logdet_jacrev`: what a user of plain reverse-mode autodiff writes:
   ``vmap(jacrev)`` for J (D backward passes), ``slogdet(JᵀJ)``, backward through all of it.
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, jacrev, vmap
 
-from .testing import slogdet_gram
+from rnf_fast.testing import slogdet_gram
 
 __all__ = [
     "logdet_fif",

@@ -1,10 +1,11 @@
-"""The official-code and free-form (FIF) baselines against the float64 dense truth."""
+"""The competitors of the benchmarks (harness.baselines): the official code's algorithm and the
+free-form (FIF) surrogate against the float64 dense truth."""
 
 import pytest
 import torch
+from harness.baselines import logdet_fif, logdet_official_cg
+from harness.problems import pseudo_inverse_encoder
 
-from rnf_fast.baselines import logdet_fif, logdet_official_cg
-from rnf_fast.benchmarks import pseudo_inverse_encoder
 from rnf_fast.testing import SinSoftplusDecoder, dense_logdet, grads, mlp_decoder, rel_error
 
 

@@ -1,0 +1,74 @@
+"""What the exact and stochastic estimators share: the call they serve, the estimate they return.
+
+Both build one surrogate (DESIGN.md §2)
+
+    S = c · Σ_k ⟨ stopgrad(J A⁻¹ v_k), J v_k ⟩,     A = JᵀJ,
+
+exact with V = I_d and c = 2, stochastic with K probes (E[v vᵀ] = I) and c = 2/K; the call
+returns ``value.detach() + (S - S.detach())``: the value is log det A, the gradient is that of
+log det A.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..linearize.base import Batching, Linearization
+from ..ops.dispatch import Backend
+from .checks import OnSingular
+
+__all__ = ["Context", "Estimate", "tangent_inner"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """One log-det call, as the estimators see it.
+
+    Attributes:
+        decoder: the decoder (the ``"batch"`` preconditioner linearizes it on a few rows).
+        lin: the decoder linearized at z.
+        z: (B, d) latents.
+        backend: name of the backend of the small ops.
+        ops: that backend's module (gram, cholesky_logdet, cholesky_inverse, ...).
+        linalg_dtype: dtype of A, its Cholesky factor and the CG state.
+        need_grad: build the surrogate (False under ``torch.no_grad()``).
+        on_singular: ``"jitter"``, ``"raise"`` or ``"nan"``.
+        batching: the tangent batching asked of a generic linearization.
+    """
+
+    decoder: Callable[[Tensor], Tensor]
+    lin: Linearization
+    z: Tensor
+    backend: str
+    ops: Backend
+    linalg_dtype: torch.dtype
+    need_grad: bool
+    on_singular: OnSingular
+    batching: Batching
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What an estimator returns besides its own report.
+
+    Attributes:
+        value: (B,) log det A or its estimate, in the linalg dtype; NaN where singular or
+            unavailable.
+        surrogate: (B,) S with its graph, or None when no gradient is needed.
+        singular: (B,) samples whose A is not numerically positive definite.
+        value_unavailable_reason: why ``value`` is no estimate of log det A (NaN), if so.
+    """
+
+    value: Tensor
+    surrogate: Tensor | None
+    singular: Tensor
+    value_unavailable_reason: str | None = None
+
+
+def tangent_inner(lin: Linearization, V: Tensor, W: Tensor) -> Tensor:
+    """Σ_k ⟨w_k, J v_k⟩ per sample, differentiable through J: V (B, K, d), W (B, K, D) -> (B,)."""
+    return (W * lin.jvp(V, create_graph=True)).sum((1, 2))

@@ -1,0 +1,196 @@
+"""The stochastic estimator: Hutchinson probes, batched conjugate gradients, and the stochastic
+Lanczos quadrature (SLQ) value of the same CG run.
+
+With probes ε (E[εεᵀ] = I) and an optional split preconditioner M = L Lᵀ, CG solves
+Ã y = ε, Ã = L⁻¹ A L⁻ᵀ (Ã = A without one); u = L⁻ᵀ y = A⁻¹ L ε, w = L⁻ᵀ ε, and the surrogate
+S = (2/K) Σ_k ⟨stopgrad(J u_k), J w_k⟩ has E[∇S] = ∇ log det A
+(:mod:`rnf_fast.engine.precondition`). The value is log det M + mean_k SLQ(Ã, ε_k) from a zero
+start; a warm start (y0 = Lᵀ x0) leaves it unavailable (NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..linearize.base import Linearization
+from .cg import batched_cg
+from .checks import check_output, check_output_shape, report_singular, warn_at_caller
+from .estimator import Context, Estimate, tangent_inner
+from .options import CG
+from .precondition import Preconditioner, build_preconditioner
+from .probes import make_probes
+
+__all__ = ["CGInfo", "estimate_cg"]
+
+_WARM_START_NO_VALUE = (
+    "warm start: the Lanczos coefficients describe the Krylov space of the initial residual, "
+    "not that of the probes, so they give no log det estimate"
+)
+
+
+@dataclass
+class CGInfo:
+    """The stochastic path's part of :class:`rnf_fast.LogdetInfo`.
+
+    Attributes:
+        matvecs: batched JᵀJ products (the slowest system's iterations, plus one for a warm
+            start).
+        iterations: (B, K) iterations per system.
+        residuals: (B, K) final relative residuals ‖r‖/‖ε‖.
+        converged: (B, K) whether each system met the tolerance.
+        preconditioner: ``"jacobi"``, ``"batch"``, ``"given"`` or None.
+        solution: (B, K, d) the solutions u_k = A⁻¹ v_k, v_k = L ε_k (v_k = ε_k without a
+            preconditioner), in the linalg dtype: a warm start ``x0`` for a later call with the
+            same probes and preconditioner.
+    """
+
+    matvecs: int
+    iterations: Tensor
+    residuals: Tensor
+    converged: Tensor
+    preconditioner: str | None
+    solution: Tensor
+
+
+class _SplitGramProduct:
+    """The CG matvec p -> L⁻¹ Jᵀ J L⁻ᵀ p over (N, d) = (B·K, d), and the running image J u of the
+    CG iterate, so the detached half of the surrogate costs no extra pass.
+
+    J u_k is accumulated from the J L⁻ᵀ p of each product (J u_{j+1} = J u_j + α_j J L⁻ᵀ p_j,
+    :meth:`step`). A linearization with ``gram_mv_hidden`` keeps its products in a narrower space
+    H (J = W M, returning M p): then M u is accumulated and lifted to J u once at the end.
+    """
+
+    def __init__(
+        self, lin: Linearization, z: Tensor, prec: Preconditioner | None, K: int, dtype: torch.dtype
+    ) -> None:
+        self.lin, self.z, self.prec, self.K, self.dtype = lin, z, prec, K, dtype
+        self.hidden: Callable[[Tensor], tuple[Tensor, Tensor] | None] | None = getattr(
+            lin, "gram_mv_hidden", None
+        )
+        self.lifted = False
+        self.last_image: Tensor | None = None
+        self.image = torch.zeros((), dtype=dtype, device=z.device)
+
+    def __call__(self, P: Tensor) -> Tensor:
+        B, d = self.z.shape
+        Q = P.view(B, self.K, d)
+        if self.prec is not None:
+            Q = self.prec.solve_LT(Q)
+        Q = Q.to(self.z.dtype)
+        first = self.last_image is None
+        pair = None
+        if callable(self.hidden) and (self.lifted or first):
+            pair = self.hidden(Q)
+        if pair is None:
+            pair = self.lin.gram_mv(Q)
+        else:
+            self.lifted = True
+        image, AQ = pair
+        if first:
+            check_output_shape(self.lin.out, self.z)
+        self.last_image = image
+        AQ = AQ.to(self.dtype)
+        return (AQ if self.prec is None else self.prec.solve_L(AQ)).reshape(B * self.K, d)
+
+    def step(self, alpha: Tensor) -> None:
+        """Follow the iterate's step x += α p in the image: J u += α (J L⁻ᵀ p)."""
+        B = self.z.shape[0]
+        self.image = self.image + alpha.view(B, self.K, 1) * self.last_image.to(self.dtype)
+
+    def solution_image(self) -> Tensor:
+        """J u_k (B, K, D) in z's dtype, detached."""
+        image = self.image.to(self.z.dtype)
+        return self.lin.lift(image) if self.lifted else image
+
+
+def _draw_probes(options: CG, z: Tensor) -> Tensor:
+    """The (B, K, d) probes in z's dtype: the given tensor, or drawn."""
+    if isinstance(options.probes, Tensor):
+        return options.probes.to(z.dtype)
+    B, d = z.shape
+    return make_probes(
+        B,
+        options.probes,
+        d,
+        kind=options.probe_kind,
+        generator=options.generator,
+        dtype=z.dtype,
+        device=z.device,
+    )
+
+
+def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
+    """The SLQ estimate of log det A per sample and the stochastic surrogate S.
+
+    Arguments:
+        options: the CG options (probes, tolerance, preconditioner, warm start, ...).
+        ctx: the call (linearization, z (B, d), backend, linalg dtype, ...).
+
+    Returns:
+        (the :class:`Estimate`, the :class:`CGInfo`).
+    """
+    lin, z, ldtype = ctx.lin, ctx.z, ctx.linalg_dtype
+    B, d = z.shape
+    probes = _draw_probes(options, z)
+    K = probes.shape[1]
+    prec = None
+    if options.preconditioner is not None:
+        prec = build_preconditioner(
+            options.preconditioner, ctx.decoder, lin, z, dtype=ldtype, batching=ctx.batching
+        )
+    eps = probes.to(ldtype)
+    product = _SplitGramProduct(lin, z, prec, K, ldtype)
+    y0 = None
+    if options.x0 is not None:
+        x0 = options.x0.to(ldtype)
+        y0 = (x0 if prec is None else prec.apply_LT(x0)).reshape(B * K, d)
+    res = batched_cg(
+        product,
+        eps.reshape(B * K, d),
+        tol=float(options.tol),
+        max_iter=d if options.max_iter is None else options.max_iter,
+        fixed_iterations=options.fixed_iterations,
+        backend=ctx.backend,
+        on_step=product.step,
+        x0=y0,
+    )
+    check_output(lin.out, z)
+    Y = res.x.view(B, K, d)
+    info = CGInfo(
+        matvecs=res.matvecs,
+        iterations=res.steps.view(B, K),
+        residuals=res.residuals.view(B, K),
+        converged=res.converged.view(B, K),
+        preconditioner=None if prec is None else prec.kind,
+        solution=Y if prec is None else prec.solve_LT(Y),
+    )
+    reason = None
+    if res.warm_start:
+        quad = torch.full((B, K), float("nan"), dtype=ldtype, device=z.device)
+        reason = _WARM_START_NO_VALUE
+        singular = res.breakdown.view(B, K).any(1)
+    else:
+        quad = res.logquad().view(B, K)
+        # Breakdown (pᵀAp <= 0) or a Lanczos matrix with a non-positive eigenvalue (NaN
+        # quadrature): A is not positive definite on the Krylov space; nothing can be trusted.
+        singular = (res.breakdown.view(B, K) | ~torch.isfinite(quad)).any(1)
+    report_singular(singular, ctx.on_singular, "CG met a non-positive curvature")
+    if not bool(info.converged.all()):
+        warn_at_caller(
+            "CG reached max_iter before the tolerance for some systems; the gradient estimate "
+            "is biased there (see LogdetInfo.cg.residuals with return_info=True)"
+        )
+    value = quad.mean(1)
+    if prec is not None:
+        value = value + prec.logdet.to(ldtype)
+    value = torch.where(singular, torch.full_like(value, float("nan")), value)
+    if not ctx.need_grad:
+        return Estimate(value, None, singular, reason), info
+    w = probes if prec is None else prec.solve_LT(eps).to(z.dtype)
+    S = (2.0 / K) * tangent_inner(lin, w, product.solution_image())
+    return Estimate(value, S, singular, reason), info
