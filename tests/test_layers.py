@@ -6,6 +6,8 @@ Bottom to top::
     < cli < rnf_fast/__init__.py (the public API, which re-exports)
 
 - ``kernels`` (shipped as ``rnf_fast.kernels``) imports nothing of rnf_fast.
+- ``checks`` (the one input check of row tensors) imports nothing of rnf_fast; every layer but
+  kernels may use it, data included.
 - ``data`` stands apart: it imports nothing of rnf_fast but itself; any layer above kernels may
   use it.
 - ``testing`` (dense truth, closeness rule) may import ops, flows, linearize, engine and models;
@@ -46,9 +48,10 @@ RANK = {
 }
 EXTENSION = "_C"
 DATA = "data"
+CHECKS = "checks"
 TESTING = "testing"
 TESTING_MAY_IMPORT = {"ops", "flows", "linearize", "engine", "models", EXTENSION}
-KNOWN = set(RANK) | {EXTENSION, DATA, TESTING}
+KNOWN = set(RANK) | {EXTENSION, DATA, CHECKS, TESTING}
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,10 @@ def violation(edge: Edge) -> str | None:
     for name in (source, target):
         if name not in KNOWN:
             return f"rnf_fast.{name} belongs to no layer: give it one in tests/test_layers.py"
+    if source == CHECKS:
+        return "checks imports nothing of rnf_fast"
+    if target == CHECKS:
+        return "kernels imports nothing of rnf_fast" if source == "kernels" else None
     if source == DATA:
         return "data imports nothing of rnf_fast but data"
     if target == TESTING:
@@ -225,6 +232,10 @@ def test_the_check_flags_the_special_rules():
     assert _flagged("rnf_fast.benchmarks", "from .ops import reference\n")  # no layer
     assert _flagged("rnf_fast.engine.api", "from .. import baselines\n")  # no layer
     assert _flagged("rnf_fast.ops.triton", "import kernels.linear\n")  # the top-level name
+    assert _flagged("rnf_fast.checks", "from .ops import reference\n")
+    assert _flagged(
+        "rnf_fast.kernels.cg", "from rnf_fast.checks import check_rows\n", "kernels/cg.py"
+    )
 
 
 def test_the_check_allows_imports_down_and_sideways():
@@ -234,6 +245,7 @@ def test_the_check_allows_imports_down_and_sideways():
         "rnf_fast.runs": "from .data import load_dataset\nfrom .training import train\n",
         "rnf_fast.testing": "from .ops import reference\nfrom .engine.api import logdet\n",
         "rnf_fast.data.images": "from rnf_fast.data.registry import Dataset\nimport torch\n",
+        "rnf_fast.data.synthetic": "from rnf_fast.checks import check_rows\n",
         "rnf_fast": "from .engine.api import logdet_grad\nfrom . import models\n",
         "rnf_fast.cli": "from .machine import machine_info\nfrom .runs import train_run\n",
     }

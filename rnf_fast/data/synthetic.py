@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rnf_fast.checks import check_rows
 from rnf_fast.data.registry import Dataset, Split
 
 __all__ = [
@@ -54,11 +55,6 @@ def _as_vector(value: float | Sequence[float], what: str) -> np.ndarray:
     if v.ndim != 1 or v.size == 0 or not np.all(np.isfinite(v)):
         raise ValueError(f"{what} must be a finite number or a non-empty sequence, got {value!r}")
     return v
-
-
-def _check_x(x: Tensor, D: int) -> None:
-    if x.dim() != 2 or x.shape[1] != D:
-        raise ValueError(f"x must be (B, {D}), got {tuple(x.shape)}")
 
 
 class VonMises:
@@ -111,7 +107,7 @@ class VonMises:
 
     def project(self, x: Tensor) -> Tensor:
         """Nearest torus point (B, D) of x (B, D): each (x_2i, x_2i+1) pair scaled to length 1."""
-        _check_x(x, self.D)
+        check_rows("x", x, self.D, rows="B", min_rows=0, finite=False)
         pairs = x.reshape(x.shape[0], self.d, 2)
         return (pairs / pairs.norm(dim=-1, keepdim=True)).reshape_as(x)
 
@@ -185,7 +181,7 @@ class VonMisesFisher:
 
     def project(self, x: Tensor) -> Tensor:
         """Nearest sphere point x / ‖x‖ (B, 3) of x (B, 3)."""
-        _check_x(x, self.D)
+        check_rows("x", x, self.D, rows="B", min_rows=0, finite=False)
         return x / x.norm(dim=-1, keepdim=True)
 
     def log_prob(self, x: Tensor) -> Tensor:

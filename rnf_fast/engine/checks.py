@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..checks import check_rows
 from .options import CG
 from .precondition import check_preconditioner
 
@@ -79,16 +80,7 @@ def report_singular(singular: Tensor, on_singular: OnSingular, where: str) -> No
 
 def check_z(z: object) -> Tensor:
     """z must be a finite floating-point (B, d) tensor with B, d >= 1."""
-    if not isinstance(z, Tensor):
-        raise TypeError(f"z must be a torch.Tensor of shape (B, d), got {type(z).__name__}")
-    if z.dim() != 2 or z.shape[0] < 1 or z.shape[1] < 1:
-        raise ValueError(f"z must be (B, d) with B, d >= 1, got {tuple(z.shape)}")
-    if not z.is_floating_point():
-        raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
-    if not bool(torch.isfinite(z).all()):
-        bad = int((~torch.isfinite(z)).any(1).sum())
-        raise ValueError(f"z contains NaN or Inf in {bad} of {z.shape[0]} samples")
-    return z
+    return check_rows("z", z, rows="B", what="d")
 
 
 def check_decoder(decoder: object, z: Tensor) -> None:

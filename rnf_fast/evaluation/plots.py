@@ -27,6 +27,8 @@ from rnf_fast.evaluation.metrics import (
     reconstruction_error,
 )
 
+from ..checks import check_rows
+
 __all__ = [
     "plot_image_grid",
     "plot_manifold_2d",
@@ -56,15 +58,6 @@ def _save(fig: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
-
-
-def _check_data(data: object, D: int, what: str) -> Tensor:
-    if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[1] != D:
-        got = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-        raise ValueError(f"data must be a tensor (N, {D}) for {what}, got {got}")
-    if data.shape[0] < 2 or not torch.isfinite(data).all():
-        raise ValueError("data needs at least 2 rows, all finite")
-    return data
 
 
 def _to_model(x: Tensor, standardizer: Any) -> Tensor:
@@ -141,7 +134,7 @@ def plot_manifold_2d(
         path as a ``Path``.
     """
     _require(model, "encode", "decode", "log_prob")
-    data = _check_data(data, 2, "plot_manifold_2d")
+    data = check_rows("data", data, 2, min_rows=2)
     LineCollection = _matplotlib("matplotlib.collections").LineCollection
     z = _latent_grid(model, data, standardizer, 1, n_grid)
     curve = _decode(model, z, standardizer)
@@ -220,7 +213,7 @@ def plot_manifold_3d(
         path as a ``Path``.
     """
     _require(model, "encode", "decode", "log_prob")
-    data = _check_data(data, 3, "plot_manifold_3d")
+    data = check_rows("data", data, 3, min_rows=2)
     Normalize = _matplotlib("matplotlib.colors").Normalize
     surface = _decode(model, _latent_grid(model, data, standardizer, 2, n_grid), standardizer)
     surface = surface[torch.isfinite(surface).all(1)]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_rows
 from ..engine.api import Method, logdet
 from ..flows import ActNorm, Permutation
 from ..linearize.flows import PaddedFlowDecoder, PaddedFlowLinearization
@@ -48,15 +49,6 @@ class LogProbTerms:
     sq_error: Tensor
 
 
-def _check_rows(name: str, x: Tensor, width: int, what: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2 or x.shape[1] != width:
-        raise ValueError(f"{name} must be (B, {what}) = (B, {width}), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-
-
 class RectangularDecoder(nn.Module):
     """The decoder g = f ∘ perm ∘ pad of a rectangular flow, with its explicit linearization.
 
@@ -79,7 +71,7 @@ class RectangularDecoder(nn.Module):
 
     def linearize(self, z: Tensor) -> PaddedFlowLinearization:
         """The decoder linearized at z (B, d): a :class:`rnf_fast.Linearization`."""
-        _check_rows("z", z, self.model.d, "d")
+        check_rows("z", z, self.model.d, rows="B", what="d", finite=False)
         return self.model._padded_flows().linearize(z)
 
 
@@ -129,10 +121,7 @@ class RectangularFlow(nn.Module):
         return self.config.d
 
     def _check_x(self, x: Tensor) -> None:
-        _check_rows("x", x, self.D, "D")
-        if not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).any(1).sum())
-            raise ValueError(f"x contains NaN or Inf in {bad} of {x.shape[0]} samples")
+        check_rows("x", x, self.D, rows="B", what="D")
 
     def encode(self, x: Tensor) -> Tensor:
         """The left inverse z = g†(x): the first d coordinates of the un-permuted f⁻¹(x).
@@ -159,7 +148,7 @@ class RectangularFlow(nn.Module):
         Returns:
             x (B, D).
         """
-        _check_rows("z", z, self.d, "d")
+        check_rows("z", z, self.d, rows="B", what="d", finite=False)
         return self._padded_flows()(z)
 
     def _padded_flows(self) -> PaddedFlowDecoder:
@@ -179,7 +168,7 @@ class RectangularFlow(nn.Module):
 
     def latent_log_prob(self, z: Tensor) -> Tensor:
         """log p_Z(z) of the latent flow h with its standard normal base: z (B, d) -> (B,)."""
-        _check_rows("z", z, self.d, "d")
+        check_rows("z", z, self.d, rows="B", what="d", finite=False)
         u, logabsdet = self.h.inverse(z)
         return -0.5 * (u * u).sum(1) - 0.5 * self.d * math.log(2 * math.pi) + logabsdet
 

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.optim import Adam, Optimizer
 from tqdm.auto import tqdm
 
+from ..checks import check_rows
 from ..engine.api import DEFAULT_CG_TOL
 from ..engine.probes import PROBE_KINDS
 from ..models import RectangularFlow, load_payload, load_state
@@ -213,18 +214,6 @@ def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
     return {
         k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
     }
-
-
-def _check_data(name: str, x: Tensor, D: int) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2 or x.shape[1] != D or x.shape[0] < 1:
-        raise ValueError(f"{name} must be (N, D) = (N, {D}) with N >= 1, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).any(1).sum())
-        raise ValueError(f"{name} contains NaN or Inf in {bad} of {x.shape[0]} rows")
 
 
 class _Run:
@@ -513,8 +502,8 @@ def train(
         raise TypeError(f"model must be a RectangularFlow, got {type(model).__name__}")
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_dict(config)
-    _check_data("train_x", train_x, model.D)
-    _check_data("val_x", val_x, model.D)
+    check_rows("train_x", train_x, model.D, what="D")
+    check_rows("val_x", val_x, model.D, what="D")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(model, train_x, val_x, config, run_dir)

@@ -123,7 +123,7 @@ def test_plot_manifold_3d_sphere(tmp_path):
 
 
 def test_plot_manifold_checks_dimensions(tmp_path):
-    with pytest.raises(ValueError, match=r"data must be a tensor \(N, 2\)"):
+    with pytest.raises(ValueError, match=r"data must be \(N, 2\) with N >= 2, got \(10, 3\)"):
         plot_manifold_2d(CircleModel(), torch.randn(10, 3), tmp_path / "x.png")
     with pytest.raises(ValueError, match="latent dimension d = 2"):
         plot_manifold_3d(CircleModel(), torch.randn(10, 3), tmp_path / "x.png")
