@@ -133,3 +133,60 @@ def test_singular_jacobian_gets_bounded_reported_jitter_by_default():
     jitter = info.exact.jitter
     assert bool((jitter > 0).any()) and bool((jitter <= bound * (1 + 1e-12)).all())
     assert bool(torch.isfinite(v).all())
+
+
+@pytest.mark.parametrize("batching", ["auto", "vmap", "repeat"])
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_decoder_returning_a_tuple_says_what_it_returned(z, method, batching):
+    # Before: a deep torch.func/vmap error (or a bare "output must be (B, D)").
+    def decoder(z):
+        return z.repeat(1, 2), z.sum(1)
+
+    with pytest.raises(TypeError, match="decoder must return a \\(B, D\\) tensor, got tuple"):
+        rnf_fast.logdet_grad(decoder, z, method=method, batching=batching)
+
+
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_decoder_rejecting_the_latent_width_says_so(method):
+    dec = mlp_decoder(3, 6)
+    z = torch.randn(4, 5, dtype=torch.float64)  # d = 5, the decoder takes 3
+    with pytest.raises(ValueError, match=r"decoder failed on z of shape \(B, d\) = \(4, 5\)") as e:
+        rnf_fast.logdet_grad(dec, z, method=method)
+    assert isinstance(e.value.__cause__, RuntimeError)  # the decoder's own error, chained
+    generic = lambda z: torch.tanh(z @ torch.ones(3, 6, dtype=z.dtype))  # noqa: E731
+    with pytest.raises(ValueError, match="decoder failed on z of shape"):
+        rnf_fast.logdet_grad(generic, z, method=method)
+
+
+def test_probes_beyond_the_memory_are_refused_before_allocating(dec, z):
+    # Before: probes=10**12 reached the allocator ("tried to allocate 64 TB").
+    with pytest.raises(ValueError, match=r"probes=1000000000000: the CG buffers .* need at least"):
+        rnf_fast.logdet_grad(dec, z, method="cg", probes=10**12)
+
+
+def test_memory_share_follows_the_available_memory(dec, z, monkeypatch):
+    from rnf_fast.engine import checks
+
+    # B·K·((6d + 2d)·8 + 3(d+1)·8) = 4·8·(192 + 96) = 9,216 bytes at probes=8.
+    monkeypatch.setattr(checks, "_QUERY_ABOVE", 0)  # query even for these tiny buffers
+    monkeypatch.setattr(checks, "available_memory", lambda device: 2 * 9216)
+    rnf_fast.logdet_grad(dec, z, method="cg", probes=8)
+    with pytest.raises(ValueError, match=r"probes=9: .*10.1 KB, more than 50% of the 18 KB"):
+        rnf_fast.logdet_grad(dec, z, method="cg", probes=9)
+
+
+def test_small_buffers_skip_the_memory_query(dec, z, monkeypatch):
+    from rnf_fast.engine import checks
+
+    def no_query(device):
+        raise AssertionError("available memory queried for buffers far below any machine's")
+
+    monkeypatch.setattr(checks, "available_memory", no_query)
+    rnf_fast.logdet_grad(dec, z, method="cg", probes=8)
+
+
+def test_available_memory_is_known_on_cpu():
+    from rnf_fast.engine.checks import available_memory
+
+    free = available_memory(torch.device("cpu"))
+    assert free is not None and free > 2**20

@@ -17,20 +17,21 @@ import torch
 from torch import Tensor
 
 from ..linearize.base import Batching, linearize
-from ..ops.dispatch import get_backend, use_backend
+from ..ops.dispatch import Backend, get_backend, use_backend
 from .auto import choose_method
 from .checks import (
     OnSingular,
     SingularJacobianError,
     check_cg_against,
     check_decoder,
+    check_decoder_call,
     check_on_singular,
     check_z,
     linalg_dtype_for,
 )
 from .estimator import Context, Estimate
 from .exact import ExactInfo, estimate_exact
-from .options import DEFAULT_CG_TOL, Method, resolve_options
+from .options import DEFAULT_CG_TOL, Method, ResolvedOptions, resolve_options
 from .probes import ProbeKind
 from .stochastic import CGInfo, estimate_cg
 
@@ -59,7 +60,10 @@ class LogdetInfo:
             a rule), if it did.
         linalg_dtype: dtype of JᵀJ, the Cholesky factor and the CG state.
         probes: K (d for the exact path).
-        singular: (B,) samples whose JᵀJ was not numerically positive definite (NaN value).
+        singular: (B,) samples whose JᵀJ is numerically singular: J rank deficient to the
+            precision of the decoder's dtype (see ``on_singular`` of :func:`logdet_grad`). Their
+            value is NaN, except under ``on_singular="jitter"`` where those that factor keep
+            theirs.
         value_available: False when the returned value is not an estimate of log det A (it is
             then NaN; the gradient is still right).
         value_unavailable_reason: why, when ``value_available`` is False.
@@ -103,13 +107,35 @@ def _run(
     estimator, and the value joined with the surrogate's gradient."""
     z = check_z(z)
     check_decoder(decoder, z)
-    B, d = z.shape
     options = resolve_options(method, flat)
     check_on_singular(on_singular)
     if options.cg is not None:
         check_cg_against(options.cg, z)
     ldtype = linalg_dtype_for(z, linalg_dtype)
     backend_name, ops = get_backend(backend, z.device)
+    try:
+        return _estimate(decoder, z, options, backend_name, ops, ldtype, batching, on_singular)
+    except (SingularJacobianError, Warning):
+        raise
+    except Exception as error:
+        # A decoder that rejects z or returns no tensor fails deep inside torch.func or vmap:
+        # one plain call on z tells that apart and says so; any other error passes unchanged.
+        check_decoder_call(decoder, z, error)
+        raise
+
+
+def _estimate(
+    decoder: Callable[[Tensor], Tensor],
+    z: Tensor,
+    options: ResolvedOptions,
+    backend_name: str,
+    ops: Backend,
+    ldtype: torch.dtype,
+    batching: Batching,
+    on_singular: OnSingular,
+) -> tuple[Tensor, LogdetInfo]:
+    """The linearization, the method choice and the estimator of :func:`_run`."""
+    B, d = z.shape
     # The linearizations' matvec ops follow the resolved backend: the Triton kernels run only
     # under "triton"; "torch" and "cpp" mean no Triton anywhere in the call.
     with use_backend(backend_name):
@@ -191,8 +217,13 @@ def logdet_grad(
     (``torch.compiler.disable``), so a compiled caller gets the same values and gradients.
 
     Arguments:
-        decoder: differentiable callable (function or ``nn.Module``) mapping (B, d) to (B, D),
-            d < D, rows independent.
+        decoder: differentiable callable (function or ``nn.Module``) mapping (B, d) to a (B, D)
+            tensor, d < D, rows independent and deterministic. A module with a layer that is
+            random or couples the rows (Dropout with p > 0 or BatchNorm in training mode,
+            InstanceNorm with running statistics in training mode, BatchNorm without running
+            statistics: :data:`rnf_fast.engine.checks.NONDETERMINISTIC_LAYERS`) is a
+            ``ValueError`` before any work: call ``decoder.eval()`` first. (Randomness in a
+            function or a functional ``F.dropout`` cannot be seen and gives an undefined result.)
         z: (B, d) latents; may require grad.
         method: ``"exact"`` or :class:`~rnf_fast.Exact` (forward-mode J with all d tangents
             batched, Cholesky), ``"cg"`` or :class:`~rnf_fast.CG` (Hutchinson probes, batched
@@ -211,13 +242,20 @@ def logdet_grad(
         batching: tangent batching of the generic path: ``"auto"``, ``"vmap"`` or
             ``"repeat"`` (for decoders vmap cannot handle; see
             :class:`rnf_fast.FuncLinearization`).
-        on_singular: what to do where JᵀJ is not numerically positive definite (J rank
-            deficient to working precision). ``"jitter"`` (default): the exact path retries the
-            Cholesky with a bounded jitter (at most 1e3 · eps · tr(A)/d, three tries), warns
-            and reports it in ``LogdetInfo.exact.jitter``; samples that still fail, and CG
-            systems that meet non-positive curvature, get NaN and a warning. ``"raise"``: raise
-            :class:`SingularJacobianError` (no jitter). ``"nan"``: NaN for those samples and a
-            warning (no jitter). Samples with a NaN value contribute no gradient (exact path).
+        on_singular: what to do where JᵀJ is numerically singular: J rank deficient to the
+            precision of the decoder's dtype (float32 for a float32 decoder, although A is
+            factored in float64). The exact path flags a sample whose Cholesky fails, needs
+            jitter, or has a scaled pivot l_i²/A_ii below max((100 eps_J)², 100 eps_A)
+            (:func:`~rnf_fast.engine.checks.pivot_floor`: only κ(J) > 8.4e4 in float32 can be
+            flagged); CG flags a breakdown, a system above the tolerance after d iterations, or
+            a Ritz ratio θ_min/θ_max below 100 eps (:func:`~rnf_fast.engine.checks.ritz_floor`).
+            ``"jitter"`` (default): one warning per call, counting the samples; the exact path
+            retries a failed Cholesky with a bounded jitter (at most 1e3 · eps · tr(A)/d, three
+            tries, in ``LogdetInfo.exact.jitter``); samples that still fail, and CG systems that
+            break down, get NaN; the others keep their (rounding-dominated) value.
+            ``"raise"``: raise :class:`SingularJacobianError` (no jitter). ``"nan"``: NaN for
+            every flagged sample and a warning (no jitter). Samples with a NaN value contribute
+            no gradient (exact path). ``LogdetInfo.singular`` marks the flagged samples.
         return_info: also return a :class:`LogdetInfo`.
 
     A flat keyword left at its default is not set. One that is set must apply: an option of
@@ -227,6 +265,13 @@ def logdet_grad(
     and lists those of the method it did not pick in ``LogdetInfo.unused_options``; so does
     the exact method for a ``generator`` (it draws nothing), so that a caller can pass one
     source of randomness whatever the method.
+
+    A bad decoder is named before a deep torch error: one that returns no tensor is a
+    ``TypeError`` saying what it returned, one that fails on z a ``ValueError`` saying it
+    failed on z of shape (B, d) (its own error chained), one whose output does not depend on z
+    (J = 0 at every sample) a ``ValueError`` saying so. CG probes whose buffers would take more
+    than half of the available memory (:func:`~rnf_fast.engine.checks.check_cg_memory`) are a
+    ``ValueError`` naming ``probes`` and the size, before anything is allocated.
 
     Returns:
         (B,) tensor, or ``(tensor, LogdetInfo)`` with ``return_info=True``.

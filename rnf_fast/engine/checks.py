@@ -8,8 +8,10 @@ or a :class:`SingularJacobianError` on request.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -20,16 +22,25 @@ from .options import CG
 from .precondition import check_preconditioner
 
 __all__ = [
+    "MEMORY_SHARE",
+    "NONDETERMINISTIC_LAYERS",
     "OnSingular",
+    "SINGULAR_C",
     "SingularJacobianError",
+    "available_memory",
     "check_cg_against",
+    "check_cg_memory",
     "check_decoder",
+    "check_decoder_call",
+    "check_jacobian_nonzero",
     "check_on_singular",
     "check_output",
     "check_output_shape",
     "check_z",
     "linalg_dtype_for",
+    "pivot_floor",
     "report_singular",
+    "ritz_floor",
     "warn_at_caller",
 ]
 
@@ -57,25 +68,83 @@ def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> No
     warnings.warn(message, category, stacklevel=level)
 
 
-def report_singular(singular: Tensor, on_singular: OnSingular, where: str) -> None:
-    """Raise or warn about samples whose JᵀJ is not numerically positive definite.
+SINGULAR_C = 100.0
+"""How many units of rounding a sample's smallest direction must clear to count as resolved.
+
+J is computed in the decoder's dtype (eps_J), A = JᵀJ is formed and factored in the linalg dtype
+(eps_A). A direction of J below about eps_J · ‖J‖, or an eigenvalue of A below about eps_A · ‖A‖,
+is rounding, not geometry. Over 50 seeds of rank-deficient decoders (a rank-1 ``nn.Linear(2, 6)``
+and a 3-layer tanh MLP whose first layer has rank 2 < d = 3), the largest scaled Cholesky pivot
+l_i / ‖J e_i‖ was 7.9 eps_J (float32) and the largest l_i² / A_ii 11 eps_A (float64): c = 100
+leaves a factor ~10 of margin. A flagged sample has κ(J) > 1 / (100 eps_J) = 8.4e4 in float32
+(6.7e6 in float64 through the float64 Gram), where rounding alone moves σ_min(J) by >= 1%."""
+
+
+def pivot_floor(jacobian_dtype: torch.dtype, linalg_dtype: torch.dtype) -> float:
+    """The floor of the scaled Cholesky pivots ρ_i = l_i² / A_ii below which a sample is
+    numerically singular: max((c · eps_J)², c · eps_A), c = :data:`SINGULAR_C`.
+
+    ρ_i is the squared sine of the angle between column i of J and the span of the columns
+    before it (scale-free per column), and ρ_i >= λ_min(A) / λ_max(A): a flagged sample has
+    κ(J) > 1 / max(c · eps_J, √(c · eps_A)), so no well-conditioned sample is ever flagged."""
+    eps_j = torch.finfo(jacobian_dtype).eps
+    eps_a = torch.finfo(linalg_dtype).eps
+    return max((SINGULAR_C * eps_j) ** 2, SINGULAR_C * eps_a)
+
+
+def ritz_floor(matvec_dtype: torch.dtype) -> float:
+    """The floor of θ_min / θ_max, the ratio of the extreme Lanczos (Ritz) values of CG, below
+    which a system is numerically singular: c · eps of the dtype the products Jᵀ(J p) are computed
+    in (their rounding is about eps · ‖A‖ ‖p‖), c = :data:`SINGULAR_C`. Ritz values lie inside
+    A's spectrum, so a flagged system has κ(A) > 1 / (c · eps)."""
+    return SINGULAR_C * torch.finfo(matvec_dtype).eps
+
+
+def report_singular(
+    singular: Tensor,
+    on_singular: OnSingular,
+    where: str,
+    *,
+    dtype: torch.dtype,
+    jittered: int = 0,
+    nan: Tensor | None = None,
+) -> None:
+    """Raise or warn (one warning per call) about samples whose JᵀJ is numerically singular.
 
     Arguments:
         singular: (B,) bool, the samples concerned.
         on_singular: ``"raise"`` raises :class:`SingularJacobianError`; otherwise a warning.
         where: what found it, for the message.
+        dtype: the decoder's dtype (the precision J is rank deficient to).
+        jittered: how many of them needed jitter for their Cholesky factorisation.
+        nan: (B,) bool, those whose log det is NaN (default: all of ``singular``).
     """
     if not bool(singular.any()):
         return
     idx = singular.nonzero().squeeze(-1).tolist()
     msg = (
-        f"JᵀJ is not numerically positive definite for {len(idx)} sample(s) {idx[:10]}"
+        f"JᵀJ is numerically singular for {len(idx)} sample(s) {idx[:10]}"
         f"{'...' if len(idx) > 10 else ''} ({where}): the decoder's Jacobian is rank deficient "
-        "there"
+        f"to {str(dtype).removeprefix('torch.')} precision there"
     )
     if on_singular == "raise":
         raise SingularJacobianError(msg)
-    warn_at_caller(msg + "; their log det is NaN")
+    n_nan = len(idx) if nan is None else int((nan & singular).sum())
+    parts = []
+    if jittered:
+        parts.append(
+            f"{jittered} needed jitter for the Cholesky factorisation (their log det is that of "
+            "JᵀJ + jitter·I, see LogdetInfo.exact.jitter with return_info=True)"
+        )
+    if n_nan:
+        parts.append(f"{n_nan} have a NaN log det")
+    kept = len(idx) - n_nan - jittered
+    if kept > 0:
+        parts.append(
+            f"{kept} keep a log det dominated by rounding (on_singular='nan' makes it NaN, "
+            "'raise' raises)"
+        )
+    warn_at_caller(msg + "; " + "; ".join(parts) + " (LogdetInfo.singular marks them)")
 
 
 def check_z(z: object) -> Tensor:
@@ -83,8 +152,61 @@ def check_z(z: object) -> Tensor:
     return check_rows("z", z, rows="B", what="d")
 
 
+_nn = torch.nn
+NONDETERMINISTIC_LAYERS: dict[str, tuple[type[torch.nn.Module], ...]] = {
+    "Dropout": (
+        _nn.Dropout,
+        _nn.Dropout1d,
+        _nn.Dropout2d,
+        _nn.Dropout3d,
+        _nn.AlphaDropout,
+        _nn.FeatureAlphaDropout,
+    ),
+    "BatchNorm": (
+        _nn.BatchNorm1d,
+        _nn.BatchNorm2d,
+        _nn.BatchNorm3d,
+        _nn.SyncBatchNorm,
+        _nn.LazyBatchNorm1d,
+        _nn.LazyBatchNorm2d,
+        _nn.LazyBatchNorm3d,
+    ),
+    "InstanceNorm": (
+        _nn.InstanceNorm1d,
+        _nn.InstanceNorm2d,
+        _nn.InstanceNorm3d,
+        _nn.LazyInstanceNorm1d,
+        _nn.LazyInstanceNorm2d,
+        _nn.LazyInstanceNorm3d,
+    ),
+}
+"""The layers that can make a decoder other than a deterministic row-wise function, by family.
+In training mode Dropout (p > 0) draws a new mask on every call (the primal, each tangent and
+each CG product would see a different function), BatchNorm normalises by the batch's statistics
+(rows coupled) and updates its running statistics in place, and InstanceNorm with
+``track_running_stats`` updates them too. A BatchNorm without running statistics uses the batch's
+statistics in eval mode as well. Functional calls (``F.dropout`` in a ``forward``) are not seen."""
+
+
+def _nondeterministic(module: torch.nn.Module) -> str | None:
+    """Why a layer makes the decoder random or batch-coupled, or None."""
+    for family, types in NONDETERMINISTIC_LAYERS.items():
+        if not isinstance(module, types):
+            continue
+        kind = type(module).__name__
+        if family == "Dropout":
+            return f"{kind} in training mode" if module.training and module.p > 0 else None
+        stats = getattr(module, "track_running_stats", False)
+        if family == "BatchNorm" and not stats:
+            return f"{kind} without running statistics (it uses the batch's statistics)"
+        if module.training and (family == "BatchNorm" or stats):
+            return f"{kind} in training mode"
+    return None
+
+
 def check_decoder(decoder: object, z: Tensor) -> None:
-    """The decoder is callable, and a module's parameters match z's dtype and device."""
+    """The decoder is callable; a module's parameters match z's dtype and device, and none of its
+    layers is random or couples the rows (:data:`NONDETERMINISTIC_LAYERS`)."""
     if not callable(decoder):
         raise TypeError(f"decoder must be callable, got {type(decoder).__name__}")
     if isinstance(decoder, torch.nn.Module):
@@ -94,6 +216,108 @@ def check_decoder(decoder: object, z: Tensor) -> None:
                 f"decoder parameters are {p.dtype} on {p.device} but z is {z.dtype} on "
                 f"{z.device}; move one of them (e.g. decoder.to(z))"
             )
+        for name, module in decoder.named_modules():
+            why = _nondeterministic(module)
+            if why is not None:
+                raise ValueError(
+                    f"decoder has {why} (layer {name or type(module).__name__!r}): its Jacobian "
+                    "is random or couples the rows, so log det(JᵀJ) is not defined per sample; "
+                    "call decoder.eval() (and give BatchNorm running statistics) before "
+                    "logdet_grad"
+                )
+
+
+def check_decoder_call(decoder: Callable[[Tensor], Tensor], z: Tensor, error: Exception) -> None:
+    """After ``error`` escaped a log-det call, call the decoder once on z itself: raise a
+    ``ValueError`` (chained to the decoder's own error) if it fails on z of shape (B, d), a
+    ``TypeError`` if it returns something other than a tensor; else return, and the caller
+    re-raises ``error``. Runs on the failure path only: a successful call pays nothing."""
+    B, d = z.shape
+    try:
+        out = decoder(z.detach())
+    except Exception as exc:
+        raise ValueError(
+            f"decoder failed on z of shape (B, d) = ({B}, {d}): {type(exc).__name__}: {exc}; "
+            "does it take latents of width d?"
+        ) from exc
+    if not isinstance(out, Tensor):
+        items = f" of {len(out)} items" if isinstance(out, (tuple, list)) else ""
+        raise TypeError(
+            f"decoder must return a (B, D) tensor, got {type(out).__name__}{items}"
+        ) from error
+
+
+def check_jacobian_nonzero(zero: bool) -> None:
+    """Raise if J = 0 at every sample (``zero``): the decoder's output does not depend on z."""
+    if zero:
+        raise ValueError(
+            "the decoder's output does not depend on z: J = 0 at every sample, so JᵀJ = 0 and "
+            "log det(JᵀJ) = -inf"
+        )
+
+
+MEMORY_SHARE = 0.5
+"""The share of the available memory that the CG buffers may take before a call is refused."""
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes available on ``device``: free CUDA memory, or the system's available RAM on CPU
+    (psutil if installed, else MemAvailable of /proc/meminfo, else free pages); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _bytes(n: float) -> str:
+    """A byte count in the largest unit that keeps it >= 1 (B to PB)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024:
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} PB"
+
+
+_QUERY_ABOVE = 2**26  # bytes (64 MiB)
+
+
+def check_cg_memory(cg: CG, z: Tensor, linalg_dtype: torch.dtype) -> None:
+    """Refuse, before anything is allocated (the decoder has not run, so D >= d + 1 stands for
+    D), probes whose CG buffers would exceed :data:`MEMORY_SHARE` of the available memory: six
+    (B, K, d) buffers (probes, x, r, p, A p, solution) and the (B, K, max_iter) Lanczos
+    coefficients twice in the linalg dtype, and three (B, K, D) tangent buffers (J p, the running
+    image J u, the surrogate's J v) in z's dtype."""
+    B, d = z.shape
+    K, M, D = cg.K, d if cg.max_iter is None else cg.max_iter, d + 1
+    ls = torch.finfo(linalg_dtype).bits // 8
+    zs = torch.finfo(z.dtype).bits // 8
+    need = B * K * ((6 * d + 2 * M) * ls + 3 * D * zs)
+    if need < _QUERY_ABOVE:  # no machine lacks this much: spare every call the memory query
+        return
+    free = available_memory(z.device)
+    if free is not None and need > MEMORY_SHARE * free:
+        raise ValueError(
+            f"probes={K}: the CG buffers for B={B}, K={K}, d={d} need at least {_bytes(need)}, "
+            f"more than {MEMORY_SHARE:.0%} of the {_bytes(free)} available on {z.device}; use "
+            "fewer probes or a smaller batch"
+        )
 
 
 def check_on_singular(on_singular: object) -> None:
@@ -143,9 +367,10 @@ def check_cg_against(cg: CG, z: Tensor) -> None:
 def check_output_shape(out: Tensor, z: Tensor) -> None:
     """Shapes, dtype and device of the decoder's output: no host synchronisation."""
     B, d = z.shape
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != B:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"decoder output must be (B, D) = ({B}, D), got {shape}")
+    if not isinstance(out, Tensor):
+        raise TypeError(f"decoder must return a (B, D) tensor, got {type(out).__name__}")
+    if out.dim() != 2 or out.shape[0] != B:
+        raise ValueError(f"decoder output must be (B, D) = ({B}, D), got {tuple(out.shape)}")
     if out.shape[1] <= d:
         raise ValueError(f"decoder must map d={d} to D > d dimensions, got D={out.shape[1]}")
     if out.dtype != z.dtype or out.device != z.device:

@@ -15,7 +15,13 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.dispatch import Backend
-from .checks import OnSingular, check_output, report_singular, warn_at_caller
+from .checks import (
+    OnSingular,
+    check_jacobian_nonzero,
+    check_output,
+    pivot_floor,
+    report_singular,
+)
 from .estimator import Context, Estimate, tangent_inner
 from .options import Exact
 
@@ -50,26 +56,44 @@ def _gram(ops: Backend, JT: Tensor, ldtype: torch.dtype, block: int = 256) -> Te
 
 
 def _factor(
-    ops: Backend, A: Tensor, on_singular: OnSingular
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Cholesky of A (B, d, d) with bounded jitter: (L, log det A, jitter (B,), singular (B,))."""
+    ops: Backend, A: Tensor, on_singular: OnSingular, jacobian_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Cholesky of A (B, d, d) with bounded jitter, and the samples that are numerically singular.
+
+    A sample is singular when its factorisation fails, needs jitter, or has a scaled pivot
+    l_i² / A_ii below :func:`~rnf_fast.engine.checks.pivot_floor` (the precision of J's dtype,
+    ``jacobian_dtype``, and of A's): the float64 Cholesky of a float32 J that is rank deficient
+    to float32 precision succeeds with a pivot at float32's rounding level, and its log det is
+    then that rounding. With ``"nan"`` (``"raise"`` raises) every singular sample gets a NaN
+    value; with ``"jitter"`` only those whose factorisation failed even with jitter do.
+
+    Returns:
+        (L, log det A, jitter (B,), singular (B,), failed (B,): NaN value, no gradient).
+    """
+    diag_A = torch.diagonal(A, dim1=-2, dim2=-1)
+    check_jacobian_nonzero(not bool((diag_A != 0).any()))
     steps = ops.JITTER_STEPS if on_singular == "jitter" else ()
     L, value, jitter, cinfo = ops.cholesky_logdet(A, jitter_steps=steps)
-    singular = cinfo > 0
-    report_singular(singular, on_singular, "exact path")
-    if bool((jitter > 0).any()):
-        n = int((jitter > 0).sum())
-        warn_at_caller(
-            f"JᵀJ is singular to working precision for {n} sample(s) and needed jitter for its "
-            "Cholesky factorisation; their log det is that of JᵀJ + jitter·I (see "
-            "LogdetInfo.exact.jitter with return_info=True)"
-        )
-    return L, value, jitter, singular
+    pivots2 = torch.diagonal(L, dim1=-2, dim2=-1) ** 2
+    rho = (pivots2 / diag_A.clamp_min(torch.finfo(A.dtype).tiny)).amin(-1)
+    floor = pivot_floor(jacobian_dtype, A.dtype)
+    singular = (cinfo > 0) | (jitter > 0) | (rho < floor)
+    failed = cinfo > 0 if on_singular == "jitter" else singular
+    report_singular(
+        singular,
+        on_singular,
+        "exact path: Cholesky pivots",
+        dtype=jacobian_dtype,
+        jittered=int((jitter > 0).sum()),
+        nan=failed,
+    )
+    value = torch.where(failed, torch.full_like(value, float("nan")), value)
+    return L, value, jitter, singular, failed
 
 
 def _inverse_gram(ops: Backend, L: Tensor, singular: Tensor, dtype: torch.dtype) -> Tensor:
-    """A⁻¹ (B, d, d) from its Cholesky factor L, in ``dtype``; zero for singular samples (NaN
-    value), so they contribute no gradient."""
+    """A⁻¹ (B, d, d) from its Cholesky factor L, in ``dtype``; zero for the ``singular`` samples
+    (those with a NaN value), so they contribute no gradient."""
     d = L.shape[-1]
     if bool(singular.any()):
         L = torch.where(singular[:, None, None], torch.eye(d, dtype=L.dtype, device=L.device), L)
@@ -99,13 +123,13 @@ def estimate_exact(options: Exact, ctx: Context) -> tuple[Estimate, ExactInfo]:
     A_graph = gram(create_graph=ctx.need_grad) if factored else None
     if A_graph is not None:
         check_output(lin.out, z)
-        L, value, jitter, singular = _factor(
-            ops, A_graph.detach().to(ctx.linalg_dtype), ctx.on_singular
+        L, value, jitter, singular, failed = _factor(
+            ops, A_graph.detach().to(ctx.linalg_dtype), ctx.on_singular, z.dtype
         )
         info = ExactInfo(gram="factored", jitter=jitter, chunk_size=d)
         S = None
         if ctx.need_grad:
-            S = (_inverse_gram(ops, L, singular, z.dtype) * A_graph).sum((1, 2))
+            S = (_inverse_gram(ops, L, failed, z.dtype) * A_graph).sum((1, 2))
         return Estimate(value, S, singular), info
     basis = torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)  # row k is e_k
     starts = range(0, d, chunk)
@@ -114,15 +138,15 @@ def estimate_exact(options: Exact, ctx: Context) -> tuple[Estimate, ExactInfo]:
     else:
         JT = torch.cat([lin.jvp(basis[:, s : s + chunk]) for s in starts], dim=1)
     check_output(lin.out, z)
-    L, value, jitter, singular = _factor(
-        ops, _gram(ops, JT.detach(), ctx.linalg_dtype), ctx.on_singular
+    L, value, jitter, singular, failed = _factor(
+        ops, _gram(ops, JT.detach(), ctx.linalg_dtype), ctx.on_singular, z.dtype
     )
     info = ExactInfo(gram="tangents", jitter=jitter, chunk_size=chunk)
     if not ctx.need_grad:
         return Estimate(value, None, singular), info
     # Rows of A⁻¹Jᵀ are the columns of J A⁻¹ (A symmetric), the detached half of S. A d×d
     # inverse then one GEMM in the model's dtype is ~2.5x cheaper than a (d, D) triangular solve.
-    inv_A_JT = _inverse_gram(ops, L, singular, z.dtype) @ JT.detach()
+    inv_A_JT = _inverse_gram(ops, L, failed, z.dtype) @ JT.detach()
     if chunk == d:
         S = 2.0 * (inv_A_JT * JT).sum((1, 2))
     else:

@@ -17,8 +17,17 @@ import torch
 from torch import Tensor
 
 from ..linearize.base import Linearization
-from .cg import batched_cg
-from .checks import check_output, check_output_shape, report_singular, warn_at_caller
+from ..ops.reference import lanczos_tridiagonal
+from .cg import CGResult, batched_cg
+from .checks import (
+    check_cg_memory,
+    check_jacobian_nonzero,
+    check_output,
+    check_output_shape,
+    report_singular,
+    ritz_floor,
+    warn_at_caller,
+)
 from .estimator import Context, Estimate, tangent_inner
 from .options import CG
 from .precondition import Preconditioner, build_preconditioner
@@ -74,6 +83,7 @@ class _SplitGramProduct:
         )
         self.lifted = False
         self.last_image: Tensor | None = None
+        self.first_image_zero: Tensor | None = None
         self.image = torch.zeros((), dtype=dtype, device=z.device)
 
     def __call__(self, P: Tensor) -> Tensor:
@@ -93,6 +103,7 @@ class _SplitGramProduct:
         image, AQ = pair
         if first:
             check_output_shape(self.lin.out, self.z)
+            self.first_image_zero = (image == 0).all()
         self.last_image = image
         AQ = AQ.to(self.dtype)
         return (AQ if self.prec is None else self.prec.solve_L(AQ)).reshape(B * self.K, d)
@@ -124,8 +135,50 @@ def _draw_probes(options: CG, z: Tensor) -> Tensor:
     )
 
 
+def _ritz_ratio(res: CGResult) -> Tensor:
+    """(N,) θ_min / θ_max, the extreme Lanczos (Ritz) values of each system's CG run (1 for a
+    system that took no step). The padding of the Lanczos matrices past a system's end is set
+    to its first diagonal entry (a Rayleigh quotient, so inside [θ_min, θ_max]) to leave the
+    extremes unchanged."""
+    T = lanczos_tridiagonal(res.alphas, res.betas, res.steps)
+    M = T.shape[-1]
+    if M == 0:
+        return torch.ones_like(res.bb)
+    pad = torch.arange(M, device=T.device)[None, :] >= res.steps[:, None]
+    T = T + torch.diag_embed(torch.where(pad, T[:, :1, 0] - 1.0, 0.0))
+    theta = torch.linalg.eigvalsh(T)
+    return theta[:, 0] / theta[:, -1]
+
+
+def _singular_systems(res: CGResult, d: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The systems with a sign of a numerically singular A, (N,) bool each: (broken: a
+    breakdown pᵀAp <= 0, NaN value; other signs: a Ritz ratio θ_min / θ_max below
+    :func:`~rnf_fast.engine.checks.ritz_floor` of the products' dtype, or a system still above
+    the tolerance after d steps, where CG is exact in exact arithmetic, with a relative
+    residual above √floor: finite-precision CG attains about eps · κ(A), so a tolerance of 0
+    (run to the end) is no sign, but an inconsistent system is, whose residual keeps the part
+    of the probe in A's null space)."""
+    floor = ritz_floor(dtype)
+    ran_out = ~res.converged & ~res.breakdown & (res.steps >= d) & (res.residuals > floor**0.5)
+    return res.breakdown, ran_out | (_ritz_ratio(res) < floor)
+
+
+def _check_jacobian_nonzero(product: _SplitGramProduct, lin: Linearization, z: Tensor) -> None:
+    """J = 0 at every sample is an error. The first products J p are all zero then; only in that
+    case are the d basis directions pushed to tell it from probes that J happens to annihilate."""
+    if product.first_image_zero is None or not bool(product.first_image_zero):
+        return
+    B, d = z.shape
+    basis = torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)
+    check_jacobian_nonzero(not bool(lin.jvp(basis).any()))
+
+
 def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
     """The SLQ estimate of log det A per sample and the stochastic surrogate S.
+
+    A sample is reported singular (per ``ctx.on_singular``) when one of its systems breaks down
+    (its value is then NaN), has not converged after d iterations, or has a Ritz ratio at the
+    rounding floor of the products' dtype (its value is then NaN with ``"nan"`` only).
 
     Arguments:
         options: the CG options (probes, tolerance, preconditioner, warm start, ...).
@@ -136,6 +189,7 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
     """
     lin, z, ldtype = ctx.lin, ctx.z, ctx.linalg_dtype
     B, d = z.shape
+    check_cg_memory(options, z, ldtype)
     probes = _draw_probes(options, z)
     K = probes.shape[1]
     prec = None
@@ -160,6 +214,7 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
         x0=y0,
     )
     check_output(lin.out, z)
+    _check_jacobian_nonzero(product, lin, z)
     Y = res.x.view(B, K, d)
     info = CGInfo(
         matvecs=res.matvecs,
@@ -169,18 +224,21 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
         preconditioner=None if prec is None else prec.kind,
         solution=Y if prec is None else prec.solve_LT(Y),
     )
+    broken, other = _singular_systems(res, d, z.dtype)
     reason = None
     if res.warm_start:
         quad = torch.full((B, K), float("nan"), dtype=ldtype, device=z.device)
         reason = _WARM_START_NO_VALUE
-        singular = res.breakdown.view(B, K).any(1)
+        broken = broken.view(B, K).any(1)
     else:
         quad = res.logquad().view(B, K)
         # Breakdown (pᵀAp <= 0) or a Lanczos matrix with a non-positive eigenvalue (NaN
         # quadrature): A is not positive definite on the Krylov space; nothing can be trusted.
-        singular = (res.breakdown.view(B, K) | ~torch.isfinite(quad)).any(1)
-    report_singular(singular, ctx.on_singular, "CG met a non-positive curvature")
-    if not bool(info.converged.all()):
+        broken = (broken.view(B, K) | ~torch.isfinite(quad)).any(1)
+    singular = broken | other.view(B, K).any(1)
+    nan = singular if ctx.on_singular == "nan" else broken
+    report_singular(singular, ctx.on_singular, "CG", dtype=z.dtype, nan=nan)
+    if not bool((info.converged | singular[:, None]).all()):
         warn_at_caller(
             "CG reached max_iter before the tolerance for some systems; the gradient estimate "
             "is biased there (see LogdetInfo.cg.residuals with return_info=True)"
@@ -188,7 +246,7 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
     value = quad.mean(1)
     if prec is not None:
         value = value + prec.logdet.to(ldtype)
-    value = torch.where(singular, torch.full_like(value, float("nan")), value)
+    value = torch.where(nan, torch.full_like(value, float("nan")), value)
     if not ctx.need_grad:
         return Estimate(value, None, singular, reason), info
     w = probes if prec is None else prec.solve_LT(eps).to(z.dtype)
