@@ -5,19 +5,118 @@ rnf-fast eval RUN_DIR
 rnf-fast sample RUN_DIR -n 64 --out samples.npy
 rnf-fast bench [--size quick] [--out DIR]
 rnf-fast info
+
+Under ``torchrun`` (``torchrun --nproc-per-node 2 -m rnf_fast.cli train ...``) ``train`` joins
+the process group: the ranks share each batch and rank 0 alone writes and prints.
+
+Errors are one line on stderr, ``rnf-fast: error: ...``: exit status 2 for usage errors (bad
+flags or values, found before anything is written), 1 for failures; ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["main"]
+__all__ = ["UsageError", "build_parser", "main"]
+
+PROG = "rnf-fast"
+
+
+class UsageError(Exception):
+    """A bad flag or value found after parsing: reported like argparse's own (exit status 2)."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _prefix() -> str:
+    """``rnf-fast``, with the rank on the ranks other than 0 of a ``torchrun`` launch."""
+    rank = os.environ.get("RANK", "0")
+    return PROG if rank == "0" else f"{PROG} [rank {rank}]"
+
+
+def _report(kind: str, message: str) -> None:
+    print(f"{_prefix()}: {kind}: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line, ``rnf-fast: warning: ...`` (the category unless a UserWarning)."""
+    name = "" if category is UserWarning else f"{category.__name__}: "
+    _report("warning", f"{name}{message}")
+
+
+def _describe(err: BaseException) -> str:
+    """An exception as one line: its message, after its type unless that says nothing more."""
+    if isinstance(err, (ValueError, TypeError, OSError)) and str(err):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
+@contextlib.contextmanager
+def _inputs() -> Iterator[None]:
+    """Errors raised while the inputs are checked (before anything is written) are usage
+    errors: bad values in flags, config files and data files."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError) as err:
+        raise UsageError(_describe(err)) from err
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``rnf-fast: error: ...`` (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _report("error", f"{message} (see `{self.prog} --help`)")
+        raise SystemExit(2)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` to every option whose help does not state its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _run_folder(text: str) -> str:
+    if not (Path(text) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a run folder of rnf-fast train (no config.json in it)"
+        )
+    return text
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -72,10 +171,10 @@ def _import_harness():
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     harness = _import_harness()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
     results = harness.run_suite(
         args.size, device=args.device, budget_s=args.budget, progress=not args.no_progress
     )
@@ -102,45 +201,44 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-# Flags of `train`: (flag, config section, key, argparse options). Defaults come from the
-# dataset preset and the config file, so every flag defaults to None ("not given").
-_TRAIN_FLAGS: list[tuple[str, str, str, dict]] = [
+# Flags of `train`: (flags, config section, key, argparse options). Defaults come from the
+# dataset preset and the config file, so every flag defaults to None ("not given"); the help
+# states the real default (see _default_text). The latent width is --latent-dim: torchrun's
+# parser rejects --d as an ambiguous abbreviation of its own options (--duplicate-*), so --d is
+# only an alias for runs without a launcher.
+_TRAIN_FLAGS: list[tuple[tuple[str, ...], str, str, dict]] = [
     (
-        "--d",
+        ("--latent-dim", "--d"),
         "model",
         "d",
-        {
-            "type": int,
-            "help": "latent (manifold) dimension d; default: the dataset's intrinsic dimension",
-        },
+        {"type": _positive_int, "metavar": "d", "help": "latent (manifold) dimension d"},
     ),
-    ("--f-layers", "model", "f_layers", {"type": int, "help": "coupling layers of f on R^D"}),
+    (("--f-layers",), "model", "f_layers", {"type": int, "help": "coupling layers of f on R^D"}),
     (
-        "--f-hidden",
+        ("--f-hidden",),
         "model",
         "f_hidden",
         {"type": _int_list, "help": "hidden sizes of f's conditioners, e.g. 64,64"},
     ),
     (
-        "--f-coupling",
+        ("--f-coupling",),
         "model",
         "f_coupling",
         {"choices": ["affine", "spline"], "help": "coupling type of f"},
     ),
-    ("--h-layers", "model", "h_layers", {"type": int, "help": "layers of h on R^d"}),
-    ("--h-hidden", "model", "h_hidden", {"type": _int_list, "help": "hidden sizes of h"}),
+    (("--h-layers",), "model", "h_layers", {"type": int, "help": "layers of h on R^d"}),
+    (("--h-hidden",), "model", "h_hidden", {"type": _int_list, "help": "hidden sizes of h"}),
     (
-        "--objective",
+        ("--objective",),
         "train",
         "objective",
         {
             "choices": ["ml", "ts", "ml-no-logdet"],
-            "help": "ml: maximum likelihood with the log det "
-            "(default); ts: two-step; ml-no-logdet: baseline",
+            "help": "ml: maximum likelihood with the log det; ts: two-step; ml-no-logdet: baseline",
         },
     ),
     (
-        "--method",
+        ("--method",),
         "train",
         "method",
         {
@@ -148,46 +246,91 @@ _TRAIN_FLAGS: list[tuple[str, str, str, dict]] = [
             "help": "log-det gradient: exact, cg (Hutchinson + CG) or auto (measured cost rule)",
         },
     ),
-    ("--probes", "train", "probes", {"type": int, "help": "Hutchinson probes K for cg"}),
     (
-        "--probe-kind",
+        ("--probes",),
+        "train",
+        "probes",
+        {"type": _positive_int, "help": "Hutchinson probes K for cg"},
+    ),
+    (
+        ("--probe-kind",),
         "train",
         "probe_kind",
         {"choices": ["rademacher", "gaussian", "orthogonal"], "help": "distribution of the probes"},
     ),
-    ("--beta", "train", "beta", {"type": float, "help": "reconstruction penalty β (50)"}),
+    (("--beta",), "train", "beta", {"type": float, "help": "reconstruction penalty β"}),
     (
-        "--warmup-start",
+        ("--warmup-start",),
         "train",
         "warmup_start",
-        {"type": int, "help": "epoch at which the likelihood weight starts to rise from 0"},
+        {
+            "type": _nonnegative_int,
+            "help": "epoch at which the likelihood weight starts to rise from 0",
+        },
     ),
-    ("--warmup-end", "train", "warmup_end", {"type": int, "help": "epoch at which it reaches 1"}),
-    ("--lr", "train", "lr", {"type": float, "help": "Adam learning rate"}),
     (
-        "--lr-schedule",
+        ("--warmup-end",),
+        "train",
+        "warmup_end",
+        {"type": _nonnegative_int, "help": "epoch at which it reaches 1"},
+    ),
+    (("--lr",), "train", "lr", {"type": float, "help": "Adam learning rate"}),
+    (
+        ("--lr-schedule",),
         "train",
         "lr_schedule",
         {"choices": ["constant", "cosine"], "help": "learning-rate schedule over the epochs"},
     ),
-    ("--epochs", "train", "epochs", {"type": int, "help": "number of epochs"}),
-    ("--batch-size", "train", "batch_size", {"type": int, "help": "batch size"}),
+    (("--epochs",), "train", "epochs", {"type": _positive_int, "help": "number of epochs"}),
     (
-        "--patience",
+        ("--batch-size",),
+        "train",
+        "batch_size",
+        {"type": _positive_int, "help": "global batch size (shared by the ranks under torchrun)"},
+    ),
+    (
+        ("--patience",),
         "train",
         "patience",
-        {"type": int, "help": "early-stopping patience (epochs without a better validation loss)"},
+        {
+            "type": _positive_int,
+            "help": "early-stopping patience (epochs without a better validation loss)",
+        },
     ),
-    ("--clip", "train", "clip", {"type": float, "help": "gradient-norm clipping"}),
-    ("--seed", "train", "seed", {"type": int, "help": "seed of the run"}),
-    ("--device", "train", "device", {"help": "cpu, cuda or cuda:N"}),
+    (("--clip",), "train", "clip", {"type": float, "help": "gradient-norm clipping"}),
+    (("--seed",), "train", "seed", {"type": _nonnegative_int, "help": "seed of the run"}),
+    (("--device",), "train", "device", {"help": "cpu, cuda or cuda:N"}),
 ]
+
+_UNSET = {"d": "the dataset's intrinsic dimension", "clip": "no clipping"}
+"""What an option left unset means, where that is not simply "none"."""
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _default_text(section: str | None, key: str) -> str:
+    """``default: X`` for an option of ``train``, with the presets that set another value."""
+    from .runs import option_defaults
+
+    base, presets = option_defaults(section, key)
+    text = f"default: {_UNSET.get(key, 'none') if base is None else _shown(base)}"
+    if presets:
+        text += "; " + ", ".join(f"{name} preset: {_shown(v)}" for name, v in presets.items())
+    return text
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     out: dict = {"data": {}, "model": {}, "train": {}}
-    for flag, section, key, _ in _TRAIN_FLAGS:
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    for _, section, key, _ in _TRAIN_FLAGS:
+        value = getattr(args, key)
         if value is not None:
             out[section][key] = value
     if args.data_seed is not None:
@@ -197,7 +340,7 @@ def _overrides(args: argparse.Namespace) -> dict:
     if args.standardize is not None:
         out["standardize"] = None if args.standardize == "none" else args.standardize
     if args.no_progress:
-        out["train"]["progress"] = False
+        out["train"]["progress"] = "epochs"
     return out
 
 
@@ -224,15 +367,34 @@ def _fresh_run_dir(config: dict) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .runs import load_config_file, resolve_config, train_run
+    from .runs import load_config_file, prepare_run, resolve_config
+    from .training import distributed
 
-    if args.resume and not args.run_dir:
-        raise SystemExit("--resume needs --run-dir: the run folder to continue")
-    file_config = load_config_file(args.config) if args.config else None
-    config = resolve_config(args.dataset, file_config=file_config, overrides=_overrides(args))
-    run_dir = args.run_dir or _fresh_run_dir(config)
-    results = train_run(config, run_dir, resume=args.resume)
-    _print_results(results, run_dir)
+    with _inputs():
+        if args.resume and not args.run_dir:
+            raise UsageError("--resume needs --run-dir: the run folder to continue")
+        file_config = load_config_file(args.config) if args.config else None
+        config = resolve_config(args.dataset, file_config=file_config, overrides=_overrides(args))
+    joined = distributed.launched()
+    if joined:
+        device = str(config["train"].get("device", "cpu"))
+        distributed.init_from_env(backend=distributed.backend_for(device))
+    try:
+        # Under torchrun, rank 0 names a fresh folder for all: the ranks must not race for it.
+        run_dir = args.run_dir or distributed.broadcast_object(_fresh_run_dir(config))
+        with _inputs():
+            if not args.resume and (Path(run_dir) / "checkpoint.pt").exists():
+                raise UsageError(
+                    f"--run-dir {run_dir} already holds a trained run (checkpoint.pt): add "
+                    "--resume to continue it, or choose another --run-dir"
+                )
+            prepared = prepare_run(config, run_dir, resume=args.resume)
+        results = prepared.train()
+    finally:
+        if joined:
+            distributed.shutdown()
+    if results is not None:
+        _print_results(results, run_dir)
     return 0
 
 
@@ -243,82 +405,151 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+_SAMPLE_SUFFIXES = (".npy", ".pt", ".csv")
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .runs import sample_run
 
-    x = sample_run(args.run_dir, args.n, seed=args.seed)
     out = Path(args.out)
+    if out.suffix not in _SAMPLE_SUFFIXES:
+        raise UsageError(f"--out must end in .npy, .pt or .csv, got {out.name}")
+    x = sample_run(args.run_dir, args.n, seed=args.seed)
     if out.suffix == ".npy":
         import numpy as np
 
         np.save(out, x.numpy())
     elif out.suffix == ".pt":
         torch.save(x, out)
-    elif out.suffix == ".csv":
+    else:
         import numpy as np
 
         np.savetxt(out, x.numpy(), delimiter=",")
-    else:
-        raise SystemExit(f"--out must end in .npy, .pt or .csv, got {out.name}")
     print(f"wrote {args.n} samples to {out}")
     return 0
 
 
-def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+def _common_parent() -> argparse.ArgumentParser:
+    """--debug, which every command takes."""
+    parent = _Parser(add_help=False, allow_abbrev=False)
+    parent.add_argument(
+        "--debug", action="store_true", help="on an error, show the traceback, not one line"
+    )
+    return parent
+
+
+def _threads_parent() -> argparse.ArgumentParser:
+    """--threads, for the commands that compute."""
+    parent = _Parser(add_help=False, allow_abbrev=False)
+    parent.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads of torch (default: torch's choice, "
+        f"{torch.get_num_threads()} here); with other jobs on the machine, 1 per job avoids "
+        "oversubscription",
+    )
+    return parent
+
+
+def _add_parser(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=_HelpFormatter, allow_abbrev=False, **kwargs)
+
+
+def _add_train_parser(sub: argparse._SubParsersAction, parents: list) -> None:
     from .data import available_datasets
+    from .runs import DEFAULT_DATASET
 
     names = available_datasets()
-    p = sub.add_parser(
+    p = _add_parser(
+        sub,
         "train",
+        parents=parents,
         help="train and evaluate a rectangular flow",
         description="Train a rectangular flow on a dataset, then evaluate it (test NLL next to "
         "reconstruction error and sample Fréchet distance; the true entropy where known) and "
-        "write plots. Options: dataset preset < --config file < flags.",
+        "write plots. Options: dataset preset < --config file < flags. Under torchrun "
+        "(torchrun --nproc-per-node 2 -m rnf_fast.cli train ...) the processes share each "
+        "batch (DDP: gloo on CPU, nccl on CUDA) and rank 0 alone writes.",
         epilog="datasets: " + "; ".join(f"{k}: {v}" for k, v in names.items()),
     )
-    p.add_argument("--dataset", choices=sorted(names), help="dataset (default: vonmises)")
-    p.add_argument("--root", help="folder of the dataset's files (file-based datasets)")
-    p.add_argument("--data-seed", type=int, help="seed of the data sample and split")
+    p.add_argument("--dataset", choices=sorted(names), help=f"dataset (default: {DEFAULT_DATASET})")
+    p.add_argument(
+        "--root",
+        help="where the data of a file-based dataset are: the file for npy, csv and image-npy, "
+        "the folder for the others (default: none)",
+    )
+    p.add_argument(
+        "--data-seed", type=_nonnegative_int, help="seed of the data sample and split (default: 0)"
+    )
     p.add_argument(
         "--standardize",
         choices=["none", "global", "feature"],
-        help="standardise the data (global: one scale, keeps manifolds' shape)",
+        help="standardise the data (global: one scale, keeps manifolds' shape; "
+        f"{_default_text(None, 'standardize')})",
     )
-    p.add_argument("--config", help="JSON or TOML file with sections data, model, train")
+    p.add_argument(
+        "--config", help="JSON or TOML file with sections data, model, train (default: none)"
+    )
     p.add_argument(
         "--run-dir",
         help="run folder (default: a new runs/DATASET-OBJECTIVE-METHOD-seedN[-k])",
     )
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for flag, _, _, options in _TRAIN_FLAGS:
-        p.add_argument(flag, default=None, **options)
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its checkpoint"
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars: one line per epoch on stderr (what a log file gets anyway)",
+    )
+    for flags, section, key, options in _TRAIN_FLAGS:
+        help_text = f"{options['help']} ({_default_text(section, key)})"
+        p.add_argument(*flags, dest=key, default=None, **{**options, "help": help_text})
     p.set_defaults(func=_cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``rnf-fast``."""
-    parser = argparse.ArgumentParser(
-        prog="rnf-fast",
+    """The argument parser of ``rnf-fast`` (no abbreviated options: ``--lr`` is never taken
+    for ``--lr-schedule``, and a launcher's parser sees what ours does)."""
+    parser = _Parser(
+        prog=PROG,
         description="Rectangular normalizing flows with a fast log det(JᵀJ) engine.",
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train_parser(sub)
-    ev = sub.add_parser("eval", help="re-evaluate a trained run and redraw its plots")
-    ev.add_argument("run_dir", help="run folder written by rnf-fast train")
+    common, threads = _common_parent(), _threads_parent()
+    _add_train_parser(sub, [common, threads])
+    ev = _add_parser(
+        sub,
+        "eval",
+        parents=[common, threads],
+        help="re-evaluate a trained run and redraw its plots",
+    )
+    ev.add_argument("run_dir", type=_run_folder, help="run folder written by rnf-fast train")
     ev.set_defaults(func=_cmd_eval)
-    sa = sub.add_parser("sample", help="draw samples (in data units) from a trained run")
-    sa.add_argument("run_dir", help="run folder written by rnf-fast train")
-    sa.add_argument("-n", type=int, default=64, help="number of samples (64)")
-    sa.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    sa = _add_parser(
+        sub,
+        "sample",
+        parents=[common, threads],
+        help="draw samples (in data units) from a trained run",
+    )
+    sa.add_argument("run_dir", type=_run_folder, help="run folder written by rnf-fast train")
+    sa.add_argument("-n", type=_positive_int, default=64, help="number of samples")
+    sa.add_argument("--seed", type=_nonnegative_int, default=0, help="sampling seed")
     sa.add_argument("--out", default="samples.npy", help="output file: .npy, .pt or .csv")
     sa.set_defaults(func=_cmd_sample)
-    info = sub.add_parser(
-        "info", help="show versions, the backends and the kernels in use, with the reasons"
+    info = _add_parser(
+        sub,
+        "info",
+        parents=[common],
+        help="show versions, the backends and the kernels in use, with the reasons",
     )
     info.set_defaults(func=_cmd_info)
-    bench = sub.add_parser(
+    bench = _add_parser(
+        sub,
         "bench",
+        parents=[common],
         help="benchmark the log det term against the alternatives (speed, memory, accuracy)",
         description="Time per training step, peak memory, matvecs and accuracy of the log "
         "det(JᵀJ) term for rnf_fast (exact, CG, auto, each backend) against the autodiff "
@@ -342,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--plots", default=None, help="folder for the bench_SIZE_*.png plots (default: --out)"
     )
     bench.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cpu", help="where the problems run (cpu)"
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where the problems run"
     )
     bench.add_argument(
         "--budget",
@@ -357,9 +588,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``rnf-fast`` command."""
+    """Entry point of the ``rnf-fast`` command.
+
+    Returns:
+        0, or 1 after a failure reported as one line on stderr (``--debug``: the traceback).
+
+    Raises:
+        SystemExit: 2 after a usage error (reported as one line), 0 after ``--help``.
+    """
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except UsageError as err:
+            if args.debug:
+                raise
+            _report("error", f"{err} (see `{PROG} {args.command} --help`)")
+            raise SystemExit(2) from None
+        except Exception as err:
+            if args.debug:
+                raise
+            _report("error", f"{_describe(err)} (--debug shows the traceback)")
+            return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import copy
 import json
 import os
 import tomllib
+import warnings
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +25,17 @@ import torch
 from torch import Tensor
 
 from .data import Dataset, Standardizer, dequantize, load_dataset
-from .models import RectangularFlow
+from .models import FlowConfig, RectangularFlow
 from .models.serialization import atomic_save, load_payload
 
 __all__ = [
     "DEFAULT_DATASET",
     "PRESETS",
+    "PreparedRun",
     "evaluate_run",
     "load_config_file",
+    "option_defaults",
+    "prepare_run",
     "resolve_config",
     "sample_run",
     "train_run",
@@ -189,6 +194,42 @@ def resolve_config(
     return config
 
 
+def _field_defaults(section: str | None) -> dict[str, Any]:
+    """The defaults of the options classes behind a section (None where a field has none)."""
+    if section == "train":
+        from .training import TrainConfig
+
+        cls: type = TrainConfig
+    elif section == "model":
+        cls = FlowConfig
+    else:
+        return {"standardize": None}
+    return {f.name: None if f.default is MISSING else f.default for f in fields(cls)}
+
+
+def option_defaults(section: str | None, key: str) -> tuple[Any, dict[str, Any]]:
+    """The default of the option ``section.key`` (``key`` alone for top-level keys such as
+    ``standardize``): its value for a dataset without a preset, and the presets that set another.
+
+    Returns:
+        (value, {preset name: value}); value None where the option is unset (for ``model.d``:
+        the dataset's intrinsic dimension).
+
+    Example:
+        >>> option_defaults("train", "beta")
+        (50.0, {'vonmises': 100.0})
+    """
+
+    def value(config: dict[str, Any]) -> Any:
+        where = config if section is None else config.get(section, {})
+        return where.get(key, fallback)
+
+    fallback = _field_defaults(section).get(key)
+    base = value(_BASE)
+    presets = {name: value(_merge(_BASE, preset)) for name, preset in PRESETS.items()}
+    return base, {name: v for name, v in presets.items() if v != base}
+
+
 def _load_data(config: dict[str, Any]) -> Dataset:
     return load_dataset(config["dataset"], **config["data"])
 
@@ -214,13 +255,44 @@ def _prepare(x: Tensor, ds: Dataset, st: Standardizer | None, *, seed: int) -> T
 
 def _model_config(config: dict[str, Any], ds: Dataset) -> dict[str, Any]:
     model = dict(config["model"])
-    d = model.pop("d", None) or ds.d
+    d = model.pop("d", None)
     if d is None:
+        d = ds.d
+        if d is None:
+            raise ValueError(
+                f"dataset {config['dataset']!r} has no known intrinsic dimension: set model.d "
+                "(--latent-dim on the command line)"
+            )
+    if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d < ds.D:
         raise ValueError(
-            f"dataset {config['dataset']!r} has no known intrinsic dimension: set model.d "
-            "(--d on the command line)"
+            f"model.d (--latent-dim) must be an integer with 1 <= d < D = {ds.D} (the data's "
+            f"width), got {d!r}"
         )
-    return {"D": ds.D, "d": int(d), **model}
+    return {"D": ds.D, "d": d, **model}
+
+
+SCALE_RANGE = (1e-2, 1e1)
+"""Root-mean-square values of unstandardised training data outside this range get a warning:
+the initialisation (ActNorm aside), the learning rates and β of the presets assume data of
+scale about 1 (integer data at ±200 trained silently to a reconstruction MSE of 428)."""
+
+
+def _check_scale(config: dict[str, Any], ds: Dataset) -> None:
+    """Warn when unstandardised training data have a scale far from 1 (see SCALE_RANGE)."""
+    if config["standardize"] is not None or not len(ds.train):
+        return
+    rms = float(ds.train.double().square().mean().sqrt())
+    low, high = SCALE_RANGE
+    if not low <= rms <= high:
+        warnings.warn(
+            f"the training data are not standardised and their root-mean-square value is "
+            f"{rms:.3g}, far from 1 (the scale the model and the presets' learning rate and β "
+            "assume): standardise them with --standardize global (one scale for all "
+            "coordinates, keeps the manifold's shape) or --standardize feature "
+            "(standardize in a config file)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _write_json(path: Path, values: dict[str, Any]) -> None:
@@ -288,20 +360,71 @@ def _resumable(saved: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def train_run(
-    config: dict[str, Any], run_dir: str | os.PathLike, *, resume: bool = False
-) -> dict[str, Any]:
-    """Train a rectangular flow as ``config`` says, then evaluate it and draw its pictures.
+@dataclass
+class PreparedRun:
+    """A run whose inputs are checked and loaded, with nothing written yet (:func:`prepare_run`).
 
-    Arguments:
-        config: a resolved configuration (:func:`resolve_config`).
-        run_dir: the run folder (created); an existing run continues only with ``resume``.
-        resume: continue the run in ``run_dir`` from its last checkpoint.
+    Attributes:
+        config: the resolved configuration (the saved one, extended, when resuming).
+        folder: the run folder.
+        resume: whether the run continues from its checkpoint.
+        dataset, standardizer, model: the data, the fitted standardisation (or None) and the
+            initialised model.
+    """
+
+    config: dict[str, Any]
+    folder: Path
+    resume: bool
+    dataset: Dataset
+    standardizer: Standardizer | None
+    model: RectangularFlow
+
+    def train(self) -> dict[str, Any] | None:
+        """Write the configuration, train, then evaluate and draw (see :func:`train_run`)."""
+        from .training import distributed, train
+
+        config, run, ds, st = self.config, self.folder, self.dataset, self.standardizer
+        main = distributed.rank_and_world()[0] == 0
+        if main:
+            run.mkdir(parents=True, exist_ok=True)
+            if st is not None:
+                atomic_save(
+                    {"format": "standardizer", "version": 1, "mode": st.mode, **st.state_dict()},
+                    run / "standardizer.pt",
+                )
+            _write_json(run / "config.json", config)
+        seed = int(config["train"].get("seed", 0))
+        train(
+            self.model,
+            _prepare(ds.train, ds, st, seed=seed),
+            _prepare(ds.val, ds, st, seed=seed + 1),
+            config["train"],
+            run,
+            resume=self.resume,
+        )
+        if not main:
+            return None
+        return _evaluate(self.model, ds, st, run, config)
+
+
+def prepare_run(
+    config: dict[str, Any], run_dir: str | os.PathLike, *, resume: bool = False
+) -> PreparedRun:
+    """Check the inputs of a run and load them, writing nothing: the configuration (the saved one
+    when resuming), the training options, the data and the model. Warns when unstandardised
+    data have a scale far from 1 (rank 0 only, under a process group).
+
+    Arguments: as :func:`train_run`.
 
     Returns:
-        The evaluation results (also written to ``run_dir/results.json``).
+        A :class:`PreparedRun`; its ``train()`` writes the run folder and trains.
+
+    Raises:
+        ValueError: a bad configuration or data; FileNotFoundError: missing files (a resumed
+        run without ``config.json``, data); FileExistsError: ``run_dir`` holds a checkpoint and
+        ``resume`` is not set.
     """
-    from .training import train
+    from .training import TrainConfig, distributed
 
     run = Path(run_dir)
     saved = run / "config.json"
@@ -309,27 +432,40 @@ def train_run(
         if not saved.exists():
             raise FileNotFoundError(f"cannot resume: {saved} does not exist")
         config = _resumable(json.loads(saved.read_text()), config)
-    run.mkdir(parents=True, exist_ok=True)
-    seed = int(config["train"].get("seed", 0))
-    torch.manual_seed(seed)
+    elif (run / "checkpoint.pt").exists():
+        raise FileExistsError(
+            f"run_dir {str(run)!r} already holds a checkpoint; pass resume=True to continue that "
+            "run, or use a new run_dir"
+        )
+    TrainConfig.from_dict(config["train"])
+    torch.manual_seed(int(config["train"].get("seed", 0)))
     ds = _load_data(config)
     st = _standardizer(config, ds)
-    if st is not None:
-        atomic_save(
-            {"format": "standardizer", "version": 1, "mode": st.mode, **st.state_dict()},
-            run / "standardizer.pt",
-        )
     model = RectangularFlow(_model_config(config, ds))
-    _write_json(saved, config)
-    train(
-        model,
-        _prepare(ds.train, ds, st, seed=seed),
-        _prepare(ds.val, ds, st, seed=seed + 1),
-        config["train"],
-        run,
-        resume=resume,
-    )
-    return _evaluate(model, ds, st, run, config)
+    if distributed.rank_and_world()[0] == 0:
+        _check_scale(config, ds)
+    return PreparedRun(config, run, resume, ds, st, model)
+
+
+def train_run(
+    config: dict[str, Any], run_dir: str | os.PathLike, *, resume: bool = False
+) -> dict[str, Any] | None:
+    """Train a rectangular flow as ``config`` says, then evaluate it and draw its pictures.
+
+    Every input is checked before anything is written (:func:`prepare_run`). Under a process
+    group (``torchrun``) every rank calls this alike and shares each batch; rank 0 alone writes
+    the run folder and evaluates.
+
+    Arguments:
+        config: a resolved configuration (:func:`resolve_config`).
+        run_dir: the run folder (created); an existing run continues only with ``resume``.
+        resume: continue the run in ``run_dir`` from its last checkpoint.
+
+    Returns:
+        The evaluation results (also written to ``run_dir/results.json``); None on the ranks
+        other than 0.
+    """
+    return prepare_run(config, run_dir, resume=resume).train()
 
 
 _OOD_DIGITS = 500

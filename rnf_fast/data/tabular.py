@@ -74,14 +74,30 @@ def load_npy(
 ) -> Dataset:
     """A user array (N, D) from a .npy file, split by a seeded shuffle (counts or fractions)."""
     path = _require_file(Path(path), "npy")
-    x = np.load(path, allow_pickle=False)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty, expected a .npy array (N, D)")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (EOFError, ValueError, OSError) as err:
+        # A truncated file gives a bare EOFError, a text file a ValueError about its header.
+        raise ValueError(f"{path}: not a readable .npy array file ({err})") from err
     return _user_table("npy", x, path, Split(n_train, n_val, n_test, seed, dtype), {})
+
+
+def _first_line(path: Path) -> str:
+    """The first non-empty line of a text file ("" for an empty one); a ValueError that names
+    the file when it is not text (a .npy file given as csv, for example)."""
+    try:
+        with open(path) as f:
+            return next((line for line in f if line.strip()), "")
+    except UnicodeDecodeError as err:
+        hint = " (a .npy array? load it as the dataset npy)" if path.suffix == ".npy" else ""
+        raise ValueError(f"{path}: not a text .csv file, it holds binary data{hint}") from err
 
 
 def _has_header(path: Path, delimiter: str) -> bool:
     """True when the first non-empty line has a field that is not a number."""
-    with open(path) as f:
-        first = next((line for line in f if line.strip()), "")
+    first = _first_line(path)
     try:
         [float(field.strip().strip("\"'")) for field in first.split(delimiter)]
     except ValueError:
@@ -110,8 +126,7 @@ def load_csv(
         header = _has_header(path, delimiter)
     columns = None
     if header:
-        with open(path) as f:
-            first = next(line for line in f if line.strip())
+        first = _first_line(path)
         columns = [c.strip().strip("\"'") for c in first.rstrip("\n").split(delimiter)]
     try:
         x = np.loadtxt(path, delimiter=delimiter, skiprows=int(header), ndmin=2, dtype=np.float64)

@@ -5,9 +5,14 @@ calls :func:`rnf_fast.training.train` as a single process would. The trainer the
 ActNorm on rank 0 and broadcasts the model, wraps the loss module
 (:class:`~rnf_fast.training.Objective`) in ``DistributedDataParallel`` so the loss, log det
 included, is computed inside the wrapped forward, gives each rank its slice of every batch, and
-writes logs and checkpoints from rank 0 only. For example, on 2 CPU processes (gloo)::
+writes the run folder, logs and checkpoints from rank 0 only. For example, on 2 CPU processes
+(gloo)::
 
-    torchrun --nproc_per_node 2 my_train_script.py
+    torchrun --nproc-per-node 2 my_train_script.py
+    torchrun --nproc-per-node 2 -m rnf_fast.cli train --epochs 20   # the command line
+
+``rnf-fast train`` joins the group itself when :func:`launched` says a launcher started it
+(gloo for a CPU run, nccl for a CUDA one).
 """
 
 from __future__ import annotations
@@ -21,14 +26,31 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "all_reduce_sum",
+    "backend_for",
     "barrier",
     "broadcast_module",
+    "broadcast_object",
     "init_from_env",
+    "launched",
     "local_device",
     "rank_and_world",
     "shard",
+    "shutdown",
     "wrap",
 ]
+
+_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """True when the environment describes a process group (``torchrun`` sets RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT), so this process should join it."""
+    return all(k in os.environ for k in _LAUNCH_VARIABLES)
+
+
+def backend_for(device: str) -> str:
+    """The process-group backend of a device: nccl for CUDA, gloo for the CPU."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def init_from_env(*, backend: str | None = None) -> tuple[int, int]:
@@ -43,14 +65,22 @@ def init_from_env(*, backend: str | None = None) -> tuple[int, int]:
         (rank, world_size).
     """
     if not dist.is_initialized():
-        needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        missing = [k for k in needed if k not in os.environ]
+        missing = [k for k in _LAUNCH_VARIABLES if k not in os.environ]
         if missing:
             raise RuntimeError(f"environment variables {missing} are not set; launch with torchrun")
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            # One GPU per process: NCCL refuses two ranks on one device.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     return rank_and_world()
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process is in one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -75,6 +105,15 @@ def broadcast_module(module: nn.Module, *, src: int = 0) -> None:
         return
     for tensor in [*module.parameters(), *module.buffers()]:
         dist.broadcast(tensor.data, src=src)
+
+
+def broadcast_object(value: object, *, src: int = 0) -> object:
+    """Rank ``src``'s ``value`` (any picklable object) on every rank (``value`` itself alone)."""
+    if rank_and_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def wrap(

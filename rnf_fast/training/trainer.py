@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -74,10 +75,12 @@ class TrainConfig:
         init_samples: size of the random batch that initialises ActNorm.
         eval_chunk_size: rows per chunk of the validation log-likelihood.
         restore_best: end with the weights of the best validation epoch.
+        progress: what rank 0 shows on stderr while training: ``True``, tqdm progress bars
+            when stderr is a terminal and otherwise one line per epoch (a log file gets no
+            per-step lines); ``"epochs"``, one line per epoch; ``False``, nothing.
 
     The validation loss is the same for every objective: -mean log p(x) + β mean
     ‖x - g(g†(x))‖², with the exact log det, so runs of different objectives compare.
-        progress: show tqdm progress bars (rank 0 only).
     """
 
     objective: str = "ml"
@@ -102,7 +105,7 @@ class TrainConfig:
     init_samples: int = 1024
     eval_chunk_size: int = 1024
     restore_best: bool = True
-    progress: bool = True
+    progress: bool | str = True
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -111,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"probe_kind must be one of {PROBE_KINDS}, got {self.probe_kind!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not (isinstance(self.progress, bool) or self.progress == "epochs"):
+            raise ValueError(f"progress must be True, False or 'epochs', got {self.progress!r}")
         for name in ("probes", "epochs", "batch_size", "max_nonfinite", "init_samples"):
             _check_int(name, getattr(self, name), low=1)
         _check_int("eval_chunk_size", self.eval_chunk_size, low=1)
@@ -258,6 +263,16 @@ class _Run:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def shows(self) -> str | None:
+        """What this rank shows on stderr: ``"bars"``, ``"epochs"`` (a line each) or None."""
+        progress = self.config.progress
+        if not (progress and self.main):
+            return None
+        if progress == "epochs" or not sys.stderr.isatty():
+            return "epochs"
+        return "bars"
+
     def start(self, resume: bool) -> None:
         """Restore the checkpoint, or initialise ActNorm (rank 0) and broadcast; wrap in DDP."""
         checkpoint = self.run_dir / "checkpoint.pt"
@@ -354,7 +369,7 @@ class _Run:
             batches,
             desc=f"epoch {epoch + 1}/{config.epochs}",
             leave=False,
-            disable=not (config.progress and self.main),
+            disable=self.shows != "bars",
         )
         for i, index in enumerate(bar):
             weight = likelihood_weight(
@@ -385,6 +400,13 @@ class _Run:
                 sums[key] = sums.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
             bar.set_postfix(loss=f"{float(parts['loss']):.4g}")
+        if self.world > 1 and sums:
+            # Each rank's parts are means over its slice: average them over the ranks, so the
+            # log shows the whole batches, as one process would.
+            keys = sorted(sums)
+            stacked = torch.stack([torch.as_tensor(sums[k]).double() for k in keys])
+            total = distributed.all_reduce_sum(stacked) / self.world
+            sums = dict(zip(keys, total, strict=True))
         record: dict[str, Any] = {"epoch": epoch, "phase": phase, "weight": weight}
         record.update({f"train_{k}": float(v) / counts[k] for k, v in sums.items()})
         record["skipped_steps"] = skipped
@@ -486,7 +508,7 @@ def train(
         train_x: (N, D) finite training data.
         val_x: (M, D) finite validation data.
         config: a :class:`TrainConfig`, or a mapping of its fields.
-        run_dir: the run folder (created if missing).
+        run_dir: the run folder (created if missing, by rank 0: the other ranks write nothing).
         resume: continue the run whose checkpoint is in run_dir; without it a run_dir that
             already holds a checkpoint is refused.
 
@@ -505,15 +527,16 @@ def train(
     check_rows("train_x", train_x, model.D, what="D")
     check_rows("val_x", val_x, model.D, what="D")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(model, train_x, val_x, config, run_dir)
+    if run.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     run.start(resume)
     epochs = tqdm(
         range(run.state.epoch, config.epochs),
         initial=run.state.epoch,
         total=config.epochs,
         desc="train",
-        disable=not (config.progress and run.main),
+        disable=run.shows != "bars",
     )
     for epoch in epochs:
         if run.state.stopped_early:
@@ -524,4 +547,24 @@ def train(
         record["seconds"] = time.perf_counter() - started
         run.finish_epoch(epoch, record)
         epochs.set_postfix(val_loss=f"{record['val_loss']:.4g}")
+        if run.shows == "epochs":
+            print(_epoch_line(record, config.epochs), file=sys.stderr, flush=True)
     return run.finish()
+
+
+def _epoch_line(record: Mapping[str, Any], epochs: int) -> str:
+    """One line of progress for a log: the epoch, its train loss, validation metrics and time."""
+
+    def number(key: str) -> str:
+        value = record.get(key)
+        return "nan" if value is None else f"{value:.4g}"
+
+    line = (
+        f"epoch {record['epoch'] + 1}/{epochs}: train loss {number('train_loss')}, "
+        f"val loss {number('val_loss')} (nll {number('val_nll')}, recon {number('val_recon')})"
+    )
+    if record.get("skipped_steps"):
+        line += f", {record['skipped_steps']} steps skipped"
+    if record.get("best"):
+        line += ", best"
+    return line + f", {record['seconds']:.3g} s"
