@@ -247,8 +247,9 @@ def logdet_grad(
             factored in float64). The exact path flags a sample whose Cholesky fails, needs
             jitter, or has a scaled pivot l_i²/A_ii below max((100 eps_J)², 100 eps_A)
             (:func:`~rnf_fast.engine.checks.pivot_floor`: only κ(J) > 8.4e4 in float32 can be
-            flagged); CG flags a breakdown, a system above the tolerance after d iterations, or
-            a Ritz ratio θ_min/θ_max below 100 eps (:func:`~rnf_fast.engine.checks.ritz_floor`).
+            flagged); CG flags a breakdown or a Ritz ratio θ_min/θ_max below 3 eps of the
+            products' dtype (:func:`~rnf_fast.engine.checks.ritz_floor`: κ(J) > 1.7e3 in
+            float32).
             ``"jitter"`` (default): one warning per call, counting the samples; the exact path
             retries a failed Cholesky with a bounded jitter (at most 1e3 · eps · tr(A)/d, three
             tries, in ``LogdetInfo.exact.jitter``); samples that still fail, and CG systems that

@@ -78,6 +78,14 @@ and a 3-layer tanh MLP whose first layer has rank 2 < d = 3), the largest scaled
 l_i / ‖J e_i‖ was 7.9 eps_J (float32) and the largest l_i² / A_ii 11 eps_A (float64): c = 100
 leaves a factor ~10 of margin. A flagged sample has κ(J) > 1 / (100 eps_J) = 8.4e4 in float32
 (6.7e6 in float64 through the float64 Gram), where rounding alone moves σ_min(J) by >= 1%."""
+RITZ_C = 3.0
+"""CG's floor of θ_min / θ_max is RITZ_C · eps of the products' dtype. Products in float32
+resolve A's spectrum only down to about eps · ‖A‖, and a rank-deficient J shows Ritz ratios of
+that order (every seed of the rank-deficient tests is flagged at c = 2 and 3), while well-posed
+problems stay far above it (>= 1e-3 on the benchmark suite's MLP at d = 128 and MNIST-sized
+flow; 1e-6 for κ(J) = 1e3, not flagged). A flagged system has κ(A) > 2.8e6 in float32
+(κ(J) > 1.7e3). CG cannot resolve what exact can (exact flags from κ(J) > 8.4e4: it forms A
+in float64)."""
 
 
 def pivot_floor(jacobian_dtype: torch.dtype, linalg_dtype: torch.dtype) -> float:
@@ -95,9 +103,9 @@ def pivot_floor(jacobian_dtype: torch.dtype, linalg_dtype: torch.dtype) -> float
 def ritz_floor(matvec_dtype: torch.dtype) -> float:
     """The floor of θ_min / θ_max, the ratio of the extreme Lanczos (Ritz) values of CG, below
     which a system is numerically singular: c · eps of the dtype the products Jᵀ(J p) are computed
-    in (their rounding is about eps · ‖A‖ ‖p‖), c = :data:`SINGULAR_C`. Ritz values lie inside
+    in (their rounding is about eps · ‖A‖ ‖p‖), c = :data:`RITZ_C`. Ritz values lie inside
     A's spectrum, so a flagged system has κ(A) > 1 / (c · eps)."""
-    return SINGULAR_C * torch.finfo(matvec_dtype).eps
+    return RITZ_C * torch.finfo(matvec_dtype).eps
 
 
 def report_singular(
