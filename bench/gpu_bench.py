@@ -89,6 +89,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 from harness.baselines import logdet_fif, logdet_official_cg  # noqa: E402
 from harness.contenders import GRAD_TOL, JACFWD, JACREV, OFFICIAL, VALUE_TOL  # noqa: E402
+from harness.measure import percentile, sync  # noqa: E402
 from harness.problems import problem_encoder  # noqa: E402
 
 SECTIONS = ("ceilings", "kernels", "logdet")
@@ -230,19 +231,6 @@ def pin_precision() -> dict[str, object]:
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 MIN_REPS, MAX_REPS = 3, 100
 SAMPLE_S = 1e-3  # calls shorter than this are timed in groups, one sample per group
 
@@ -260,10 +248,10 @@ def time_call(
     """
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     once = max(time.perf_counter() - t0, 1e-7)
     calls = max(1, int(SAMPLE_S / once))
     reps = int(min(MAX_REPS, max(MIN_REPS, budget_s / (once * calls))))
@@ -283,9 +271,9 @@ def time_call(
                 fn()
             samples.append((time.perf_counter() - t0) / calls)
     return {
-        "median_s": _percentile(samples, 0.5),
-        "p20_s": _percentile(samples, 0.2),
-        "p80_s": _percentile(samples, 0.8),
+        "median_s": percentile(samples, 0.5),
+        "p20_s": percentile(samples, 0.2),
+        "p80_s": percentile(samples, 0.8),
         "reps": reps,
         "calls_per_rep": calls,
     }
@@ -690,9 +678,7 @@ def cg_update_case(ops, name: str, B: int, dtype: torch.dtype, *, device, sizes,
         # (with A p fixed, a drifting p meets pᵀAp <= 0 and most systems go inactive within
         # ten calls, and a kernel that skips inactive systems would look fast). tol = 0 keeps
         # them active; the restore is timed and counted for both.
-        state = reference.CGState(
-            **{k: (v.clone() if isinstance(v, Tensor) else v) for k, v in base.__dict__.items()}
-        )
+        state = base.clone()
 
         def run():
             state.it = 0
@@ -1000,7 +986,7 @@ def setup_case(case: LogdetCase, device: torch.device) -> LogdetSetup:
     )
     t0 = time.perf_counter()
     value, grad = float64_truth(verify)
-    _sync(device)
+    sync(device)
     return LogdetSetup(timing, verify, value, grad, time.perf_counter() - t0)
 
 
@@ -1111,12 +1097,12 @@ def _clear_grads(problem: harness.Problem) -> None:
 def _activation_bytes(problem: harness.Problem, device: torch.device) -> int:
     """CUDA memory one forward pass with its autograd graph holds, at the problem's batch."""
     _clear_grads(problem)
-    _sync(device)
+    sync(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     out = problem.decoder(problem.z)
-    _sync(device)
+    sync(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     del out
     return peak
@@ -1147,12 +1133,12 @@ def _peak_mib(step: Callable[[], Tensor], problem, device: torch.device) -> floa
     if device.type != "cuda":
         return None
     _clear_grads(problem)
-    _sync(device)
+    sync(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     step()
-    _sync(device)
+    sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 

@@ -132,3 +132,15 @@ def test_fixed_iterations_make_no_host_reads(monkeypatch):
         batched_cg(_matvec(A), b, tol=1e-6, max_iter=6)
     monkeypatch.undo()
     assert res.matvecs == 7 and rel_error(res.x, torch.linalg.solve(A, b)) < 1e-6
+
+
+def test_cg_state_clone_is_independent():
+    from rnf_fast.ops import reference
+
+    A = torch.eye(3, dtype=torch.float64).expand(2, 3, 3) * 2.0
+    state = reference.cg_init(torch.randn(2, 3, dtype=torch.float64), 3)
+    copy = state.clone()
+    reference.cg_update(copy, (A @ copy.p.unsqueeze(-1)).squeeze(-1), 1e-8)
+    assert copy.it == 1 and state.it == 0
+    assert bool(copy.x.abs().sum() > 0) and bool((state.x == 0).all())  # state untouched
+    assert torch.equal(state.clone().r, state.r) and state.clone().r is not state.r

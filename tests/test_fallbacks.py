@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from dataclasses import fields, replace
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -274,17 +274,6 @@ def test_triton_backend_gram_falls_back_and_the_backend_stays_usable_by_name(
     assert backends.get_backend("triton", torch.device("cuda"))[0] == "triton"
 
 
-def _clone(state):
-    return replace(
-        state,
-        **{
-            f.name: getattr(state, f.name).clone()
-            for f in fields(state)
-            if isinstance(getattr(state, f.name), torch.Tensor)
-        },
-    )
-
-
 def test_triton_backend_cg_update_falls_back_from_an_untouched_state(monkeypatch, cpu_as_cuda):
     spy = _spy(monkeypatch, CompilationError("at 3:4: bad block size"))
     g = torch.Generator().manual_seed(2)
@@ -309,7 +298,7 @@ def test_a_failing_step_leaves_the_state_for_the_reference(monkeypatch, cpu_as_c
     spy = _spy(monkeypatch, BUILD_FAILURES["no compiler"])
     b = torch.randn(4, 3, dtype=torch.float64)
     state = reference.cg_init(b, 3)
-    before = _clone(state)
+    before = state.clone()
     Ap = 2.0 * state.p
     with pytest.warns(triton_backend.TritonFallbackWarning, match="FileNotFoundError"):
         alpha = triton_backend.cg_update(state, Ap, 1e-8)

@@ -224,16 +224,17 @@ def peak_memory(problem_name: str, names: list[str], *, d: int | None = None) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _timed(step: Callable[[], tuple[Tensor, dict]], device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     step()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 

@@ -23,7 +23,7 @@ Ops of the log-det engine:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -191,6 +191,11 @@ class CGState:
     alphas: Tensor  # (N, max_iter)
     betas: Tensor  # (N, max_iter)
     it: int = 0
+
+    def clone(self) -> CGState:
+        """A copy whose tensors are copies: advancing it leaves this state as it is."""
+        tensors = {f.name: getattr(self, f.name).clone() for f in fields(self) if f.name != "it"}
+        return CGState(**tensors, it=self.it)
 
 
 def cg_init(b: Tensor, max_iter: int) -> CGState:

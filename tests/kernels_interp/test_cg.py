@@ -13,7 +13,7 @@ running the reference, so every phase is covered: fresh systems, converging ones
 a system with b = 0 that never starts.
 """
 
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -35,17 +35,6 @@ def _systems(N, d, dtype, generator):
     b = torch.randn(N, d, generator=generator, dtype=torch.float64)
     b[1] = 0
     return A.to(dtype), b.to(dtype)
-
-
-def _clone(state):
-    return replace(
-        state,
-        **{
-            f.name: getattr(state, f.name).clone()
-            for f in fields(state)
-            if isinstance(getattr(state, f.name), torch.Tensor)
-        },
-    )
 
 
 def _stage_truths(state, Ap, run):
@@ -94,7 +83,7 @@ def _unfused_step(state, Ap, tol):
 
 def _check_step(state, Ap, tol, label):
     it = state.it
-    kern, ref = _clone(state), _clone(state)
+    kern, ref = state.clone(), state.clone()
     alpha = cg_update(kern, Ap, tol)
     reference.cg_update(ref, Ap, tol)
     assert kern.it == ref.it == it + 1
@@ -153,7 +142,7 @@ def test_cg_update_keeps_nan_visible_in_frozen_systems():
     state = reference.cg_init(b, 4)
     Ap = (A @ state.p.unsqueeze(-1)).squeeze(-1)
     Ap[1] = float("inf")
-    kern, ref = _clone(state), _clone(state)
+    kern, ref = state.clone(), state.clone()
     with np.errstate(invalid="ignore"):  # the interpreter computes 0 · inf in numpy
         cg_update(kern, Ap, 1e-4)
     reference.cg_update(ref, Ap, 1e-4)
