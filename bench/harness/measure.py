@@ -64,7 +64,10 @@ STUDY_SHARE = 0.25  # of the budget, for the d-study
 
 def _git_commit(root: Path) -> str:
     """The checked-out commit (short hash), read from ``.git`` without running git; "unknown"
-    outside a checkout."""
+    outside a checkout. ``RNF_FAST_COMMIT`` overrides it, for a copy of the tree whose ``.git``
+    is not the one the files came from (a machine the tree was synced to)."""
+    if os.environ.get("RNF_FAST_COMMIT"):
+        return os.environ["RNF_FAST_COMMIT"][:9]
     git = root / ".git"
     try:
         head = (git / "HEAD").read_text().strip()
