@@ -15,10 +15,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["BLOCK_D_CHOICES", "BLOCK_ELEMENTS", "DTYPES", "cg_update"]
+__all__ = ["BLOCK_D_CHOICES", "BLOCK_ELEMENTS", "DTYPES", "NUM_WARPS", "cg_update"]
 
 BLOCK_D_CHOICES = (16, 32, 64, 128)  # the first >= d, else 128 with sweeps in chunks
 BLOCK_ELEMENTS = 2048  # BLOCK_N · BLOCK_D per program
+NUM_WARPS = {torch.float32: 4, torch.float64: 8}  # float64 at 4 warps spills registers (sm_90)
 DTYPES = (torch.float32, torch.float64)
 
 
@@ -202,6 +203,6 @@ def cg_update(
             float(tol) * float(tol),
             BLOCK_N=block_n,
             BLOCK_D=block_d,
-            num_warps=4,
+            num_warps=NUM_WARPS[x.dtype],
         )
     return alpha

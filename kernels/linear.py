@@ -14,10 +14,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["BLOCK_M", "BLOCK_N_CHOICES", "BLOCK_R", "scaled_linear"]
+__all__ = ["BLOCK_M", "BLOCK_N_CHOICES", "BLOCK_R", "BLOCK_SEG", "NUM_WARPS", "scaled_linear"]
 
 BLOCK_M = 64  # rows (B·K tangents) per program
 BLOCK_R = 32  # reduction chunk (over R = n_in, or n_out transposed); tl.dot needs >= 16 on a GPU
+BLOCK_SEG = 128  # reduction segment summed on its own before joining the total (a multiple of BLOCK_R)
+NUM_WARPS = 8  # at 4 warps the two-level sum spills registers (ptxas, sm_90)
 BLOCK_N_CHOICES = (32, 64)  # output features per program: 32 for narrow layers (d -> 16)
 
 
@@ -38,6 +40,7 @@ def _scaled_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_SEG: tl.constexpr,
 ):
     # Y[m, n] = Σ_r X[m, r] W'[r, n] with W'[r, n] at w_ptr + r·stride_wr + n·stride_wn: M = B·K
     # rows (K tangents per sample), N outputs, R the reduction length, walked BLOCK_R at a time.
@@ -49,20 +52,25 @@ def _scaled_linear_kernel(
     row_ok = rows < M
     col_ok = cols < N
     sample = rows // K
+    # Two-level sum over R: a running tl.dot over one segment of BLOCK_SEG, the segment sums
+    # added after. One running sum over R = 784 rounded 2.4x worse than cuBLAS on an H200.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + red
-        red_ok = rr < R
-        in_mask = row_ok[:, None] & red_ok[None, :]
-        a = tl.load(x_ptr + rows[:, None] * R + rr[None, :], mask=in_mask, other=0.0)
-        if HAS_SCALE and TRANSPOSE:
-            a = a * tl.load(s_ptr + sample[:, None] * R + rr[None, :], mask=in_mask, other=0.0)
-        w = tl.load(
-            w_ptr + rr[:, None] * stride_wr + cols[None, :] * stride_wn,
-            mask=red_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a, w, acc, input_precision="ieee")
+    for s0 in range(0, R, BLOCK_SEG):
+        seg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(s0, tl.minimum(s0 + BLOCK_SEG, R), BLOCK_R):
+            rr = r0 + red
+            red_ok = rr < R
+            in_mask = row_ok[:, None] & red_ok[None, :]
+            a = tl.load(x_ptr + rows[:, None] * R + rr[None, :], mask=in_mask, other=0.0)
+            if HAS_SCALE and TRANSPOSE:
+                a = a * tl.load(s_ptr + sample[:, None] * R + rr[None, :], mask=in_mask, other=0.0)
+            w = tl.load(
+                w_ptr + rr[:, None] * stride_wr + cols[None, :] * stride_wn,
+                mask=red_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            seg = tl.dot(a, w, seg, input_precision="ieee")
+        acc += seg
     out_mask = row_ok[:, None] & col_ok[None, :]
     if HAS_SCALE and not TRANSPOSE:
         acc = acc * tl.load(s_ptr + sample[:, None] * N + cols[None, :], mask=out_mask, other=0.0)
@@ -131,6 +139,7 @@ def scaled_linear(X: Tensor, W: Tensor, S: Tensor | None, *, transpose: bool = F
         BLOCK_M=BLOCK_M,
         BLOCK_N=block_n,
         BLOCK_R=BLOCK_R,
-        num_warps=4,
+        BLOCK_SEG=BLOCK_SEG,
+        num_warps=NUM_WARPS,
     )
     return Y

@@ -6,6 +6,9 @@ dimension under 16, non-power-of-two blocks), so this check stands beside the in
 It runs in a subprocess without TRITON_INTERPRET (this file executed as a script) and in a
 fresh cache, so nothing is skipped as already compiled.
 
+Each compiled kernel is also assembled by Triton's ptxas with ``-v``: a configuration that spills
+registers fails the check.
+
 It runs once per Triton install present: the environment's own, and Triton 3.6.0 (what the GPU
 machine runs) from the folder ``triton-3.6`` of the environment (``.venv/triton-3.6``, put there by
 scripts/setup.sh), first on the subprocess's PYTHONPATH.
@@ -53,9 +56,10 @@ def configurations() -> list[tuple[str, object, dict, dict, int]]:
                     "BLOCK_M": linear.BLOCK_M,
                     "BLOCK_N": block_n,
                     "BLOCK_R": linear.BLOCK_R,
+                    "BLOCK_SEG": linear.BLOCK_SEG,
                 }
                 label = f"scaled_linear transpose={transpose} scale={has_scale} BLOCK_N={block_n}"
-                configs.append((label, linear._scaled_linear_kernel, sig, const, 4))
+                configs.append((label, linear._scaled_linear_kernel, sig, const, linear.NUM_WARPS))
     for transpose in (False, True):
         for block_p in coupling.BLOCK_P_CHOICES:
             names = ("t_ptr", "th_ptr", "dx_ptr", "dth_ptr", "out_ptr", "out_th_ptr")
@@ -68,12 +72,12 @@ def configurations() -> list[tuple[str, object, dict, dict, int]]:
             label = f"coupling transpose={transpose} BLOCK_P={block_p}"
             configs.append((label, coupling._coupling_kernel, sig, const, 4))
     for dtype, choices in gram.CONFIGS.items():
-        for block_i, block_d in choices:
+        for block_i, block_d, num_warps in choices:
             sig = {"j_ptr": _pointer(dtype), "a_ptr": _pointer(dtype)}
             sig |= {a: "i32" for a in ("D", "d", "stride_jb", "stride_jD", "stride_jd")}
             const = {"USE_DOT": dtype == torch.float32, "BLOCK_I": block_i, "BLOCK_D": block_d}
             label = f"gram {dtype} BLOCK_I={block_i} BLOCK_D={block_d}"
-            configs.append((label, gram._gram_kernel, sig, const, 4))
+            configs.append((label, gram._gram_kernel, sig, const, num_warps))
     for dtype in cg.DTYPES:
         for block_d in cg.BLOCK_D_CHOICES:
             fp = _pointer(dtype)
@@ -83,7 +87,7 @@ def configurations() -> list[tuple[str, object, dict, dict, int]]:
             sig |= {a: "i32" for a in ("N", "d", "max_iter", "it")} | {"tol2": "fp64"}
             const = {"BLOCK_N": cg.BLOCK_ELEMENTS // block_d, "BLOCK_D": block_d}
             label = f"cg_update {dtype} BLOCK_D={block_d}"
-            configs.append((label, cg._cg_update_kernel, sig, const, 4))
+            configs.append((label, cg._cg_update_kernel, sig, const, cg.NUM_WARPS[dtype]))
     return configs
 
 
@@ -99,7 +103,35 @@ def compile_one(kernel, sig: dict, const: dict, num_warps: int) -> str | None:
         compiled = triton.compile(src, target=GPUTarget(*TARGET), options={"num_warps": num_warps})
     except Exception as exc:  # report every failing configuration, not the first
         return f"{type(exc).__name__}: {exc}"[:2000]
-    return None if compiled.asm.get("cubin") else "no cubin produced"
+    if not compiled.asm.get("cubin"):
+        return "no cubin produced"
+    return register_spills(compiled.asm["ptx"])
+
+
+def register_spills(ptx: str) -> str | None:
+    """None when ptxas (Triton's own) assembles the kernel without spilling registers to local
+    memory, else what it reported: a spill turns every accumulator update into memory traffic."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run(
+            [get_ptxas(TARGET[1]).path, "--gpu-name", f"sm_{TARGET[1]}a", "-v", str(src),
+             "-o", str(Path(tmp) / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+        )
+    report = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        return f"ptxas failed: {report[-1000:]}"
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", report)]
+    if not spills:
+        return f"no spill report from ptxas -v: {report[-500:]}"
+    return f"spills registers: {report.strip()[-500:]}" if max(spills) > 0 else None
 
 
 def control_rejected() -> bool:
