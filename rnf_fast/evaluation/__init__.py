@@ -3,7 +3,7 @@ OOD AUROC), the image metrics (classifier Fréchet distance, logit-space NLL) an
 (learned manifolds, image grids, training curves).
 
 Importing this package needs only torch and numpy; the plotting functions import matplotlib
-when called (``pip install rnf_fast[plots]``).
+when called (``pip install 'rnf_fast[plots]'``).
 """
 
 from rnf_fast.evaluation.images import (
@@ -28,6 +28,7 @@ from rnf_fast.evaluation.plots import (
     plot_image_grid,
     plot_manifold_2d,
     plot_manifold_3d,
+    plot_manifold_projection,
     plot_samples_and_reconstructions,
     plot_training_curves,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "plot_image_grid",
     "plot_manifold_2d",
     "plot_manifold_3d",
+    "plot_manifold_projection",
     "plot_samples_and_reconstructions",
     "plot_training_curves",
     "reconstruction_error",

@@ -1,8 +1,9 @@
-"""Pictures of a rectangular flow: the learned manifold with its density, image grids, curves.
+"""Pictures of a rectangular flow: the learned manifold with its density (D = 2, D = 3, or a
+PCA projection for any D >= 3), image grids, training curves.
 
 Every function writes one PNG (parent folders are created) and returns its path. matplotlib is
 imported when a function is called, never at import, and figures are drawn on an Agg canvas of
-their own: no pyplot state, no change to the user's backend (``pip install rnf_fast[plots]``).
+their own: no pyplot state, no change to the user's backend (``pip install 'rnf_fast[plots]'``).
 
 Models are duck-typed as in :mod:`rnf_fast.evaluation.metrics`; data are in data units, and a
 ``standardizer`` (the one the model was trained behind) maps them to model units and back.
@@ -33,6 +34,7 @@ __all__ = [
     "plot_image_grid",
     "plot_manifold_2d",
     "plot_manifold_3d",
+    "plot_manifold_projection",
     "plot_samples_and_reconstructions",
     "plot_training_curves",
 ]
@@ -43,7 +45,9 @@ def _matplotlib(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError("plotting needs matplotlib: pip install rnf_fast[plots]") from err
+        raise ImportError(
+            "plotting needs matplotlib, which is not installed: pip install 'rnf_fast[plots]'"
+        ) from err
 
 
 def _figure(*, figsize: tuple[float, float]) -> Any:
@@ -263,6 +267,188 @@ def plot_manifold_3d(
     return _save(fig, path)
 
 
+def _pca(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The first k principal axes of x, computed in float64 by an SVD of the centred data.
+
+    Each axis's sign is fixed so that its largest loading in absolute value (the first one on
+    a tie) is positive: the same data give the same picture whatever the SVD routine returns.
+
+    Arguments:
+        x: (N, D) data with min(N, D) >= k.
+        k: the number of axes.
+    Returns:
+        mean (D,), axes (k, D) with orthonormal rows, and the fraction of the total variance
+        along each axis (k,) (zeros for constant data).
+    """
+    x = x.detach().to("cpu", torch.float64)
+    mean = x.mean(0)
+    _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    axes = vh[:k]
+    largest = axes.gather(1, axes.abs().argmax(1, keepdim=True))
+    axes = torch.where(largest < 0, -axes, axes)
+    variance = s.square()
+    total = variance.sum()
+    fraction = variance[:k] / total if total > 0 else torch.zeros_like(variance[:k])
+    return mean, axes, fraction
+
+
+def _finite_rows(x: Tensor) -> tuple[Tensor, int]:
+    """The rows of x (N, D) without NaN or Inf, and how many were dropped."""
+    keep = torch.isfinite(x).all(1)
+    return x[keep], int((~keep).sum())
+
+
+def _dropped(n: int) -> str:
+    return f" ({n} non-finite not shown)" if n else ""
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _projection_figure(
+    model: Any,
+    data: Tensor,
+    *,
+    standardizer: Any,
+    true_log_prob: Any,
+    n_samples: int,
+    max_points: int,
+    seed: int | None,
+    elev: float,
+    azim: float,
+    title: str | None,
+) -> Any:
+    """The Figure that :func:`plot_manifold_projection` saves (arguments as there)."""
+    _require(model, "reconstruct", "sample")
+    data = check_rows("data", data, min_rows=3)
+    if data.shape[1] < 3:
+        raise ValueError(
+            f"data must be (N, D) with D >= 3 for a 3-D projection, got {tuple(data.shape)}; "
+            "plot_manifold_2d draws D = 2"
+        )
+    _check_count("n_samples", n_samples)
+    _check_count("max_points", max_points)
+    fig = _figure(figsize=(15, 5.4))
+    # The constrained layout does not see 3-D z labels: w_pad (inches) leaves room for them.
+    fig.get_layout_engine().set(w_pad=0.3)
+    mean, axes, fraction = _pca(data, 3)
+
+    def project(x: Tensor) -> np.ndarray:
+        return _np((x.detach().to("cpu", torch.float64) - mean) @ axes.T)
+
+    shown = _subsample(data, max_points)
+    with torch.no_grad():
+        rec = _to_data(model.reconstruct(_to_model(shown, standardizer)), standardizer).detach()
+    samples = _draw_samples(
+        model, n_samples, batch_size=min(n_samples, 1024), seed=seed, device=data.device
+    )
+    samples, bad_samples = _finite_rows(_to_data(samples, standardizer))
+    # An untrained or diverged flow can send points to Inf: leave them out, say how many.
+    finite = torch.isfinite(rec).all(1)
+    rec, bad_rec = rec[finite], int((~finite).sum())
+    mse = float(reconstruction_error(shown[finite], rec.to(shown))) if len(rec) else math.nan
+
+    xyz, xyz_rec, xyz_samples = project(shown), project(rec), project(samples)
+    everything = np.concatenate([xyz, xyz_rec, xyz_samples])
+    lo, hi = everything.min(0), everything.max(0)
+    colour = None if true_log_prob is None else _np(true_log_prob(shown))
+    panels = [
+        (xyz, "data" if colour is None else "data (true log density)", "data", "0.3"),
+        (
+            xyz_rec,
+            f"reconstructions g(g†(x)) (MSE {mse:.3g}){_dropped(bad_rec)}",
+            "reconstructions",
+            "C1",
+        ),
+        (xyz_samples, f"samples{_dropped(bad_samples)}", "samples", "C2"),
+    ]
+    labels = [f"PC{i + 1} ({100 * float(f):.1f}% of variance)" for i, f in enumerate(fraction)]
+    for i, (points, name, label, c) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, i + 1, projection="3d")
+        if i == 0 and colour is not None:
+            # Points whose true density is not finite (off the true support) are drawn grey.
+            cmap = _matplotlib("matplotlib").colormaps["viridis"].with_extremes(bad="0.6")
+            dots = ax.scatter(
+                *points.T, c=colour, cmap=cmap, plotnonfinite=True, s=3, alpha=0.8, label=label
+            )
+            fig.colorbar(dots, ax=ax, shrink=0.6, pad=0.12, label="true log density log p(x)")
+        else:
+            if i > 0:
+                ax.scatter(*xyz.T, c="0.6", s=2, alpha=0.25, label="data", rasterized=True)
+            ax.scatter(*points.T, c=c, s=3, alpha=0.8, label=label, rasterized=True)
+        ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), zlim=(lo[2], hi[2]), title=name)
+        ax.set_xlabel(labels[0], fontsize="small")
+        ax.set_ylabel(labels[1], fontsize="small")
+        ax.set_zlabel(labels[2], fontsize="small")
+        ax.set_box_aspect(np.maximum(hi - lo, 1e-3 * (hi - lo).max()), zoom=0.9)
+        ax.view_init(elev=elev, azim=azim)
+        ax.legend(loc="upper left", fontsize="small")
+    total = 100 * float(fraction.sum())
+    fig.suptitle(
+        title
+        or f"data, reconstructions and samples on the data's first 3 principal axes "
+        f"(D = {data.shape[1]}; {total:.1f}% of the data's variance)"
+    )
+    return fig
+
+
+def plot_manifold_projection(
+    model: Any,
+    data: Tensor,
+    path: str | Path,
+    *,
+    standardizer: Any = None,
+    true_log_prob: Any = None,
+    n_samples: int = 2000,
+    max_points: int = 2000,
+    seed: int | None = 0,
+    elev: float = 20.0,
+    azim: float = -60.0,
+    title: str | None = None,
+) -> Path:
+    """Draws data, their reconstructions and model samples on the data's first 3 principal axes.
+
+    For any D >= 3, where the manifold itself cannot be drawn. The principal axes are fitted
+    on all of ``data`` (in data units) and the same centring and axes are applied to the
+    reconstructions and the samples, so an offset or a collapsed direction shows as such.
+    Three 3-D panels share the axes, the limits and the view: the data (coloured by the true
+    log density when ``true_log_prob`` is given), the reconstructions g(g†(x)) of the shown
+    data over them, and samples over them. The axis labels give each axis's share of the
+    data's variance; the PCA signs are fixed (each axis's largest loading is positive), so
+    pictures of the same data are comparable across runs. Non-finite rows are left out and
+    counted in the panel titles.
+
+    Arguments:
+        model: has ``reconstruct`` and ``sample``; any latent dimension.
+        data: (N, D) samples in data units, N >= 3, D >= 3.
+        path: the PNG to write.
+        standardizer: the ``Standardizer`` the model was trained behind, or None.
+        true_log_prob: x (B, D) -> (B,) true log density, or None.
+        n_samples: model samples drawn; max_points: data points shown and reconstructed (a
+            fixed subset).
+        seed: seeds the samples (the global RNG state is restored); None draws freely.
+        elev, azim: the 3-D view angles in degrees.
+        title: figure title; default says what is shown and the variance the 3 axes hold.
+    Returns:
+        path as a ``Path``.
+    """
+    fig = _projection_figure(
+        model,
+        data,
+        standardizer=standardizer,
+        true_log_prob=true_log_prob,
+        n_samples=n_samples,
+        max_points=max_points,
+        seed=seed,
+        elev=elev,
+        azim=azim,
+        title=title,
+    )
+    return _save(fig, path)
+
+
 # -------------------------------------------------------------------------------- images
 
 
@@ -402,7 +588,17 @@ def plot_samples_and_reconstructions(
 
 # ------------------------------------------------------------------------ training curves
 
-_NOT_CURVES = {"epoch", "step", "global_step", "iteration", "seed", "time", "elapsed", "wall_time"}
+_NOT_CURVES = {
+    "epoch",
+    "step",
+    "global_step",
+    "iteration",
+    "seed",
+    "session",
+    "time",
+    "elapsed",
+    "wall_time",
+}
 _SPLITS = ("train", "val", "valid", "test")
 _FIRST_PANELS = ("loss", "nll", "recon", "recon_error", "reconstruction", "frechet")
 
@@ -437,31 +633,60 @@ def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def plot_training_curves(
+def _latest_per_x(records: list[dict[str, Any]], x_key: str) -> list[dict[str, Any]]:
+    """One record per value of x_key, the last one written (a run resumed after a crash may
+    write an epoch again), sorted by x_key; records without a numeric x_key are dropped."""
+    latest = {r[x_key]: r for r in records if _is_number(r.get(x_key))}
+    return [latest[x] for x in sorted(latest)]
+
+
+def _session(record: dict[str, Any]) -> int | float:
+    """The record's training session: 0 for the original run, +1 per resume; 0 if absent."""
+    session = record.get("session")
+    return session if _is_number(session) else 0
+
+
+def _resumes(records: list[dict[str, Any]], x_key: str) -> list[int | float]:
+    """The x of each record whose session differs from the one before it: where a resume began."""
+    return [r[x_key] for prev, r in zip(records, records[1:]) if _session(r) != _session(prev)]
+
+
+def _is_error_panel(name: str) -> bool:
+    """Reconstruction errors fall by decades towards 0 and look flat on a linear axis."""
+    return name.startswith("recon")
+
+
+def _plot_panel(ax: Any, name: str, series: dict[str, list[tuple[float, float]]]) -> None:
+    """Draws a panel's curves; log y for reconstruction errors and for positive values spanning
+    more than two decades. Points <= 0 cannot be drawn on a log axis: they are left out and
+    counted in the title, and a panel with no positive value stays linear."""
+    values = [y for pts in series.values() for _, y in pts]
+    log = bool(values) and (
+        _is_error_panel(name) or (min(values) > 0 and max(values) / min(values) > 100)
+    )
+    log = log and max(values) > 0
+    hidden = sum(y <= 0 for y in values) if log else 0
+    for key, pts in series.items():
+        if log:
+            pts = [(x, y) for x, y in pts if y > 0]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=key)
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(name + (f" ({hidden} values <= 0 not shown)" if hidden else ""))
+
+
+def _curves_figure(
     metrics_jsonl_path: str | Path,
-    path: str | Path,
     *,
-    x_key: str = "epoch",
-    keys: list[str] | None = None,
-    title: str | None = None,
-) -> Path:
-    """Plots each numeric metric of a JSON-lines training log against the epoch.
-
-    Each line is a dict; lines without ``x_key`` (e.g. a final summary) are skipped. Keys that
-    differ only by a split prefix or suffix ("train_loss", "val_loss", "loss") share a panel.
-    A panel whose values are all positive and span more than two decades uses a log scale.
-
-    Arguments:
-        metrics_jsonl_path: the log, one JSON object per line.
-        path: the PNG to write.
-        x_key: the key on the x axis.
-        keys: the keys to plot; default every numeric key except counters such as "step".
-        title: figure title; default the log's file name.
-    Returns:
-        path as a ``Path``.
-    """
+    x_key: str,
+    keys: list[str] | None,
+    title: str | None,
+) -> Any:
+    """The Figure that :func:`plot_training_curves` saves (arguments as there)."""
     source = Path(metrics_jsonl_path)
-    records = [r for r in _read_jsonl(source) if _is_number(r.get(x_key))]
+    records = _latest_per_x(_read_jsonl(source), x_key)
     if not records:
         raise ValueError(f"metrics_jsonl_path: no line of {source} has a numeric {x_key!r}")
     if keys is None:
@@ -477,26 +702,68 @@ def plot_training_curves(
     panels = dict(
         sorted(panels.items(), key=lambda item: (first.get(item[0], len(first)), item[0]))
     )
+    resumes = _resumes(records, x_key)
 
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = _figure(figsize=(4.6 * cols, 3.4 * rows))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, (name, members) in zip(axes, panels.items()):
-        values = []
-        for key in members:
-            pts = [(r[x_key], r[key]) for r in records if _is_number(r.get(key))]
-            pts = [(x, y) for x, y in pts if math.isfinite(y)]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=key)
-                values.extend(ys)
-        if values and min(values) > 0 and max(values) / min(values) > 100:
-            ax.set_yscale("log")
-        ax.set(xlabel=x_key, ylabel=name, title=name)
+        series = {
+            key: [
+                (r[x_key], r[key])
+                for r in records
+                if _is_number(r.get(key)) and math.isfinite(r[key])
+            ]
+            for key in members
+        }
+        _plot_panel(ax, name, series)
+        for i, x in enumerate(resumes):
+            ax.axvline(
+                x,
+                ls="--",
+                lw=1,
+                color="0.45",
+                gid="resumed",
+                label="resumed" if i == 0 else "_nolegend_",
+            )
+        ax.set(xlabel=x_key, ylabel=name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
     fig.suptitle(title or source.name)
-    return _save(fig, path)
+    return fig
+
+
+def plot_training_curves(
+    metrics_jsonl_path: str | Path,
+    path: str | Path,
+    *,
+    x_key: str = "epoch",
+    keys: list[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Plots each numeric metric of a JSON-lines training log against the epoch.
+
+    Each line is a dict; lines without ``x_key`` (e.g. a final summary) are skipped, and when
+    an ``x_key`` value appears twice (a run resumed after a crash may write an epoch again)
+    the last line wins. Keys that differ only by a split prefix or suffix ("train_loss",
+    "val_loss", "loss") share a panel. Reconstruction errors ("recon…" panels) use a log
+    scale, as does any panel whose values are all positive and span more than two decades;
+    values <= 0 are left out of a log panel and counted in its title. Where the integer
+    ``"session"`` field of the records changes (0 for the original run, +1 per resume;
+    absent counts as 0), a dashed vertical line labelled "resumed" marks the first epoch of
+    the new session in every panel.
+
+    Arguments:
+        metrics_jsonl_path: the log, one JSON object per line.
+        path: the PNG to write.
+        x_key: the key on the x axis.
+        keys: the keys to plot; default every numeric key except counters such as "step"
+            and "session".
+        title: figure title; default the log's file name.
+    Returns:
+        path as a ``Path``.
+    """
+    return _save(_curves_figure(metrics_jsonl_path, x_key=x_key, keys=keys, title=title), path)
