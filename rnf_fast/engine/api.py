@@ -9,6 +9,8 @@ estimator of :mod:`.exact` or :mod:`.stochastic` runs, and the value and surroga
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -183,7 +185,29 @@ def _estimate(
         return out, info
 
 
-@torch.compiler.disable
+def _eager_only(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)``, applied only once torch._dynamo is loaded: importing it
+    takes about a second, as long as torch itself, and nobody compiles without loading it.
+
+    The wrapper carries dynamo's own mark of a disabled function, so a compiled caller stops
+    its graph at the call instead of tracing in; the call then runs through the disabled ``fn``
+    (no frame of it is compiled). Without dynamo loaded nothing can be compiling: ``fn`` runs.
+    """
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    wrapper._torchdynamo_disable = True  # read with inspect.getattr_static by dynamo
+    return wrapper
+
+
+@_eager_only
 def logdet_grad(
     decoder: Callable[[Tensor], Tensor],
     z: Tensor,
