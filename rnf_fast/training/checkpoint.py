@@ -2,8 +2,10 @@
 
 A checkpoint holds the model's config and state (ActNorm initialisation included), the
 optimisers' states, the :class:`TrainState` (epochs done, best validation loss, early-stopping
-counter, non-finite step counters, the per-epoch history) and the global torch RNG states. It is
-written atomically and read with ``torch.load(weights_only=True)``.
+counter, non-finite step counters, the session, the learning-rate schedule segment, the
+per-epoch history) and the global torch RNG states. It is written atomically and read with
+``torch.load(weights_only=True)``. Checkpoints written before ``session`` and ``lr_segment``
+existed load with session 0 and the schedule of their saved training options.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ class TrainState:
         nonfinite_run: consecutive skipped steps (non-finite loss or gradient) up to now.
         nonfinite_total: skipped steps in the whole run.
         stopped_early: whether early stopping ended the run.
+        session: 0 for the original run, +1 each time it is resumed (the ``session`` of each
+            epoch record).
+        lr_segment: the learning-rate schedule the run follows from epoch ``start`` on:
+            ``{"start", "factor", "epochs", "schedule", "min_factor"}`` (the schedule begins
+            at ``factor`` · lr at epoch ``start``; see ``lr_schedule`` of
+            :class:`~rnf_fast.training.TrainConfig`); None before the run starts.
         history: one metrics record per completed epoch (what ``metrics.jsonl`` holds).
     """
 
@@ -45,6 +53,8 @@ class TrainState:
     nonfinite_run: int = 0
     nonfinite_total: int = 0
     stopped_early: bool = False
+    session: int = 0
+    lr_segment: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -149,4 +159,14 @@ def load_checkpoint(
         except (ValueError, KeyError, RuntimeError) as err:
             raise CheckpointError(f"the optimiser {name!r} in {where}: {err}") from err
     _set_rng_states(payload["rng"])
-    return TrainState(**payload["state"])
+    state = TrainState(**payload["state"])
+    if state.lr_segment is None:
+        saved = payload["train_config"]
+        state.lr_segment = {
+            "start": 0,
+            "factor": 1.0,
+            "epochs": saved["epochs"],
+            "schedule": saved.get("lr_schedule", "constant"),
+            "min_factor": saved.get("lr_min_factor", 0.01),
+        }
+    return state

@@ -10,9 +10,17 @@ where the log det's gradient comes from :func:`rnf_fast.logdet_grad`; with w = 0
 warm-up) only the reconstruction term is computed. TS trains f by reconstruction alone and h by
 the likelihood of the detached z, one phase at a time. ML without log det drops the log det term.
 
+Singular samples (ML with the log det): a sample whose JᵀJ is numerically singular (the engine's
+``LogdetInfo.singular``: J rank deficient to the precision of the model's dtype) has a log det
+that is rounding error, and a very negative one: counting it, or a jittered value, would reward
+a collapsing manifold. Such a sample is dropped whole: its log p_Z, log det and reconstruction
+terms leave the loss, which is the mean over the other samples of the batch (0, with no gradient,
+when none is left), and it passes no gradient. Every mean in ``parts`` is over the kept samples.
+
 Every loss returns ``(loss, parts)``: the scalar to minimise and a dict of detached scalars for
 logging: ``loss``, ``recon`` (mean ‖x - g(g†(x))‖²), and where computed ``log_pz``
-(mean log p_Z(z)), ``logdet`` (mean log det JᵀJ) and ``nll`` (mean -log p(x)).
+(mean log p_Z(z)), ``logdet`` (mean log det JᵀJ), ``nll`` (mean -log p(x)) and ``singular``
+(the number of samples dropped as singular).
 """
 
 from __future__ import annotations
@@ -63,18 +71,21 @@ def ml_loss(
         method, probes, probe_kind, generator, tol, chunk_size: of
             :func:`rnf_fast.logdet_grad`.
 
+    Samples whose JᵀJ is numerically singular are dropped from every term and mean (see the
+    module docstring); ``parts["singular"]`` counts them. The engine's warning about them is
+    not silenced here (the trainer gathers them into one warning per epoch).
+
     Returns:
         (loss, parts): a scalar with a graph, and detached scalars (see the module docstring).
     """
     z = model.encode(x)
-    sq_error = _sq_error(model, x, z).mean()
-    loss = beta * sq_error
-    parts = {"recon": sq_error.detach()}
+    sq_error = _sq_error(model, x, z)
+    keep = None
     if weight > 0:
         log_p = model.latent_log_prob(z)
-        parts["log_pz"] = log_p.mean().detach()
+        log_pz = log_p
         if with_logdet:
-            ld = logdet_grad(
+            ld, info = logdet_grad(
                 model.decoder,
                 z,
                 method=method,
@@ -83,13 +94,35 @@ def ml_loss(
                 generator=generator,
                 tol=tol,
                 chunk_size=chunk_size,
+                on_singular="nan",
+                return_info=True,
             )
             log_p = log_p - 0.5 * ld
-            parts["logdet"] = ld.mean().detach()
-            parts["nll"] = -log_p.mean().detach()
-        loss = loss - weight * log_p.mean()
+            singular = info.singular
+            # No singular sample: keep=None, the plain means, bit for bit as without the check.
+            keep = ~singular if bool(singular.any()) else None
+    recon = _mean(sq_error, keep)
+    loss = beta * recon
+    parts = {"recon": recon.detach()}
+    if weight > 0:
+        parts["log_pz"] = _mean(log_pz, keep).detach()
+        if with_logdet:
+            parts["logdet"] = _mean(ld, keep).detach()
+            parts["nll"] = -_mean(log_p, keep).detach()
+            parts["singular"] = singular.sum()
+        loss = loss - weight * _mean(log_p, keep)
     parts["loss"] = loss.detach()
     return loss, parts
+
+
+def _mean(values: Tensor, keep: Tensor | None) -> Tensor:
+    """The mean of values (B,) over the samples kept (keep (B,) bool; None: all), 0 if none is.
+
+    ``torch.where`` rather than indexing or a product with the mask: the samples dropped are
+    NaN (their log det) and get an exact zero gradient (0 · NaN would be NaN)."""
+    if keep is None:
+        return values.mean()
+    return torch.where(keep, values, 0).sum() / keep.sum().clamp_min(1)
 
 
 def ts_loss(

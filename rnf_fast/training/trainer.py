@@ -11,6 +11,21 @@ A run lives in a folder::
 Randomness: the batch order and the CG probes of epoch e come from generators seeded by
 (``seed``, e) (and the rank, for probes), so a resumed run draws what the uninterrupted run
 would have drawn.
+
+Resuming: ``resume=True`` continues from ``checkpoint.pt``. With the same ``epochs`` the run is
+bit for bit the uninterrupted one. A resume may extend (or cut) ``epochs``: the learning-rate
+schedule then continues from the value it had reached, without a jump (see ``lr_schedule`` of
+:class:`TrainConfig`). Each resume that trains starts a new *session*: every epoch record
+carries ``session``, 0 for the original run and +1 per resume, so plots can mark the resumes.
+
+Singular samples: in the ML objective a sample whose JᵀJ is numerically singular (the decoder's
+Jacobian rank deficient to the precision of the model's dtype, as
+``rnf_fast.logdet_grad`` detects it) is dropped from the loss, log det and reconstruction
+alike, and the loss is the mean over the other samples of the batch (see
+:mod:`rnf_fast.training.objectives`); a batch whose samples are all singular takes no step. The
+validation metrics leave such samples out the same way. Each epoch record counts them
+(``singular_skipped``, ``singular_steps``, ``val_singular``, summed over the DDP ranks), and an
+epoch with any gives one warning (rank 0), in place of the engine's warning per call.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,7 +47,8 @@ from torch.optim import Adam, Optimizer
 from tqdm.auto import tqdm
 
 from ..checks import check_rows
-from ..engine.api import DEFAULT_CG_TOL
+from ..engine.api import DEFAULT_CG_TOL, logdet_grad
+from ..engine.checks import warn_at_caller
 from ..engine.probes import PROBE_KINDS
 from ..models import RectangularFlow, load_payload, load_state
 from ..models.rectangular import MODEL_FORMAT, MODEL_VERSION
@@ -42,6 +59,10 @@ from .objectives import OBJECTIVES, Objective
 __all__ = ["TrainConfig", "TrainHistory", "likelihood_weight", "train"]
 
 METHODS = ("auto", "exact", "cg")
+
+_ENGINE_SINGULAR = "JᵀJ is numerically singular"
+"""How the engine's warning per call about singular samples begins: the trainer counts those
+samples itself and warns once per epoch instead."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +82,17 @@ class TrainConfig:
             from ``warmup_end`` on. The TS objective ignores w.
         lr: Adam's learning rate.
         lr_schedule: ``"constant"`` or ``"cosine"`` (lr decays per epoch along a half cosine to
-            ``lr_min_factor`` · lr at the last epoch; a function of the epoch alone, so a
-            resumed run follows the same schedule).
+            ``lr_min_factor`` · lr at the last epoch, ``epochs - 1``; a one-epoch run keeps lr).
+            The schedule is a function of the epoch, so a resumed run with the same ``epochs``
+            follows it exactly. A resume that changes ``epochs``, ``lr_schedule`` or
+            ``lr_min_factor`` continues the learning rate from the value the schedule had
+            reached: from the first resumed epoch e0 it starts at the fraction f0 of lr that the
+            previous schedule gives at e0 (``lr_min_factor`` for a run that completed its
+            cosine), and moves along a half cosine from f0 · lr to ``lr_min_factor`` · lr at the
+            new last epoch (``"constant"``: it stays at f0 · lr). So a finished cosine run
+            extended from 3 to 6 epochs trains the 3 new ones at its final learning rate, and
+            an interrupted one decays over the new total from where it stopped: no jump up,
+            no warm restart. (To restart the schedule, start a new run from ``model.pt``.)
         lr_min_factor: the final fraction of lr under the cosine schedule.
         epochs: total number of epochs of the run (a resumed run counts the ones done).
         batch_size: global batch size (split across processes under DDP).
@@ -178,7 +208,12 @@ class TrainHistory:
             (parts as in ``rnf_fast.training.objectives``; ``train_recon`` is ‖x - g(g†(x))‖²
             summed over the D coordinates),
             ``val_loss``, ``val_nll``, ``val_recon``, ``val_logdet``, ``best``,
-            ``skipped_steps``, ``seconds``. Non-finite values are None.
+            ``skipped_steps`` (steps with a non-finite loss or gradient), ``singular_skipped``
+            (training samples left out of the loss because their JᵀJ is numerically singular;
+            ML with the log det only), ``singular_steps`` (steps skipped because all their
+            samples were), ``val_singular`` (validation samples left out of the ``val_``
+            metrics for the same reason), ``lr``, ``session`` (0 for the original run, +1 per
+            resume), ``seconds``. Non-finite values are None.
         best_epoch, best_val_loss: the best validation epoch after the warm-up, if any.
         stop_reason: why the run ended.
         nonfinite_steps: steps skipped in the whole run.
@@ -191,15 +226,76 @@ class TrainHistory:
     nonfinite_steps: int
 
 
-def learning_rate(config: TrainConfig, epoch: int) -> float:
-    """The learning rate of ``epoch`` (from 0) under ``config.lr_schedule``."""
-    if config.lr_schedule == "constant" or config.epochs == 1:
-        return config.lr
-    progress = min(epoch / (config.epochs - 1), 1.0)
-    factor = config.lr_min_factor + (1 - config.lr_min_factor) * 0.5 * (
-        1 + math.cos(math.pi * progress)
+def learning_rate(
+    config: TrainConfig, epoch: int, *, start: int = 0, start_factor: float = 1.0
+) -> float:
+    """The learning rate of ``epoch`` (from 0) under ``config.lr_schedule``.
+
+    Arguments:
+        config: the options (``lr``, ``lr_schedule``, ``lr_min_factor``, ``epochs``).
+        epoch: the epoch, >= start.
+        start, start_factor: the segment of the schedule that epoch is in: it begins at epoch
+            ``start`` at ``start_factor`` · lr (0 and 1 for a run that was never resumed with
+            other ``epochs``; see ``lr_schedule`` of :class:`TrainConfig`).
+
+    Example:
+        >>> config = TrainConfig(lr=1.0, lr_schedule="cosine", lr_min_factor=0.1, epochs=3)
+        >>> [round(learning_rate(config, e), 3) for e in range(3)]
+        [1.0, 0.55, 0.1]
+        >>> config = TrainConfig(lr=1.0, lr_schedule="cosine", lr_min_factor=0.1, epochs=6)
+        >>> [round(learning_rate(config, e, start=3, start_factor=0.1), 3) for e in range(3, 6)]
+        [0.1, 0.1, 0.1]
+    """
+    return config.lr * _schedule_factor(
+        config.lr_schedule, config.epochs, config.lr_min_factor, start, start_factor, epoch
     )
-    return config.lr * factor
+
+
+def _schedule_factor(
+    schedule: str, epochs: int, min_factor: float, start: int, start_factor: float, epoch: int
+) -> float:
+    """The fraction of lr at ``epoch`` on the schedule segment that begins at ``start``."""
+    last = epochs - 1
+    if schedule == "constant" or last <= start:
+        return start_factor
+    progress = min((epoch - start) / (last - start), 1.0)
+    return min_factor + (start_factor - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _segment(config: TrainConfig, start: int, start_factor: float) -> dict[str, Any]:
+    """A schedule segment as saved in :attr:`TrainState.lr_segment`."""
+    return {
+        "start": start,
+        "factor": start_factor,
+        "epochs": config.epochs,
+        "schedule": config.lr_schedule,
+        "min_factor": config.lr_min_factor,
+    }
+
+
+def _continue_schedule(segment: dict[str, Any], config: TrainConfig, epoch: int) -> dict[str, Any]:
+    """The schedule segment a run resumed at ``epoch`` with ``config`` follows.
+
+    The saved ``segment`` when ``epochs``, ``lr_schedule`` and ``lr_min_factor`` are unchanged
+    (the run continues exactly); otherwise a new one that starts at ``epoch`` from the fraction
+    of lr the saved segment gives there (see ``lr_schedule`` of :class:`TrainConfig`).
+    """
+    same = (segment["epochs"], segment["schedule"], segment["min_factor"]) == (
+        config.epochs,
+        config.lr_schedule,
+        config.lr_min_factor,
+    )
+    if same:
+        return segment
+    factor = _schedule_factor(
+        segment["schedule"],
+        segment["epochs"],
+        segment["min_factor"],
+        segment["start"],
+        segment["factor"],
+        epoch,
+    )
+    return _segment(config, epoch, factor)
 
 
 def likelihood_weight(progress: float, *, start: int, end: int) -> float:
@@ -248,6 +344,7 @@ class _Run:
         else:
             self.optimizers = {"model": Adam(model.parameters(), lr=config.lr)}
         self.state = TrainState()
+        self.epoch_samples = 0  # training samples in each epoch's batches (set by epoch())
         self.runner: torch.nn.Module = Objective(
             model,
             kind=config.objective,
@@ -284,6 +381,10 @@ class _Run:
                 optimizers=self.optimizers,
                 objective=self.config.objective,
             )
+            self.state.session += 1
+            self.state.lr_segment = _continue_schedule(
+                self.state.lr_segment, self.config, self.state.epoch
+            )
         elif checkpoint.exists():
             raise FileExistsError(
                 f"run_dir {str(self.run_dir)!r} already holds a checkpoint; pass resume=True to "
@@ -296,6 +397,7 @@ class _Run:
                 index = torch.randperm(len(self.train_x), generator=shuffle)
                 self.model.initialize(self.train_x[index[: self.config.init_samples]])
             distributed.broadcast_module(self.model)
+            self.state.lr_segment = _segment(self.config, 0, 1.0)
         if self.main:
             lines = "".join(json.dumps(r) + "\n" for r in self.state.history)
             (self.run_dir / "metrics.jsonl").write_text(lines)
@@ -314,18 +416,37 @@ class _Run:
         self,
         x: Tensor,
         *,
-        share: float,
+        batch: int,
         weight: float,
         phase: str | None,
         generator: torch.Generator,
-    ) -> dict[str, Tensor] | None:
-        """One optimiser step on this rank's slice x; None (and no step) when not finite."""
+    ) -> tuple[dict[str, Tensor] | None, int]:
+        """One optimiser step on this rank's slice x of a batch of ``batch`` samples.
+
+        Returns:
+            (parts, singular): the loss parts, scaled so that their mean over the ranks is that
+            of the whole batch (None, and no step, when the loss or gradient is not finite or
+            every sample of the batch is singular), and the number of samples of the whole
+            batch dropped as singular (see :mod:`rnf_fast.training.objectives`).
+        """
         names = {None: ["model"], "manifold": ["f"], "density": ["h"]}[phase]
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss, parts = self.runner(x, weight=weight, phase=phase, generator=generator)
-        # Always backward, even on a non-finite loss: every DDP rank must join the reduction.
+        kept, total, singular = len(x), batch, 0
+        if "singular" in parts:
+            # Each rank's loss is a mean over its kept samples; weighting it by its share of
+            # the batch's kept samples needs the count over all ranks before the backward.
+            local = int(parts.pop("singular"))
+            count = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
+            singular = int(distributed.all_reduce_sum(count).item())
+            kept, total = kept - local, total - singular
+        share = kept * self.world / total if total else 0.0
+        # Always backward, even on a non-finite loss or an empty batch: every DDP rank must
+        # join the reduction.
         (loss * share).backward()
+        if total == 0:
+            return None, singular
         params = [
             p
             for name in names
@@ -338,17 +459,18 @@ class _Run:
         grads = [p.grad for p in params]
         norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
         if not bool(torch.isfinite(norm) & (bad == 0)):
-            return None
+            return None, singular
         if self.config.clip is not None:
             torch.nn.utils.clip_grads_with_norm_(params, self.config.clip, norm)
         for name in names:
             self.optimizers[name].step()
-        return parts
+        return {key: value * share for key, value in parts.items()}, singular
 
     def epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch; returns its train metrics."""
         config, state = self.config, self.state
-        lr = learning_rate(config, epoch)
+        segment = state.lr_segment
+        lr = learning_rate(config, epoch, start=segment["start"], start_factor=segment["factor"])
         for optimizer in self.optimizers.values():
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -363,7 +485,8 @@ class _Run:
         phase = self.phase(epoch)
         sums: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
-        skipped = 0
+        skipped = singular = singular_steps = 0
+        self.epoch_samples = sum(len(index) for index in batches)
         weight = 0.0
         bar = tqdm(
             batches,
@@ -376,13 +499,17 @@ class _Run:
                 epoch + i / len(batches), start=config.warmup_start, end=config.warmup_end
             )
             local = distributed.shard(index)
-            parts = self.step(
+            parts, dropped = self.step(
                 self.train_x[local],
-                share=len(local) * self.world / len(index),
+                batch=len(index),
                 weight=weight,
                 phase=phase,
                 generator=probes,
             )
+            singular += dropped
+            if dropped == len(index):
+                singular_steps += 1
+                continue
             if parts is None:
                 skipped += 1
                 state.nonfinite_run += 1
@@ -401,30 +528,42 @@ class _Run:
                 counts[key] = counts.get(key, 0) + 1
             bar.set_postfix(loss=f"{float(parts['loss']):.4g}")
         if self.world > 1 and sums:
-            # Each rank's parts are means over its slice: average them over the ranks, so the
-            # log shows the whole batches, as one process would.
+            # Each rank's parts are its share of the batch means: average them over the ranks,
+            # so the log shows the whole batches, as one process would.
             keys = sorted(sums)
             stacked = torch.stack([torch.as_tensor(sums[k]).double() for k in keys])
             total = distributed.all_reduce_sum(stacked) / self.world
             sums = dict(zip(keys, total, strict=True))
-        record: dict[str, Any] = {"epoch": epoch, "phase": phase, "weight": weight}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "session": state.session,
+            "phase": phase,
+            "weight": weight,
+        }
         record.update({f"train_{k}": float(v) / counts[k] for k, v in sums.items()})
         record["skipped_steps"] = skipped
+        record["singular_skipped"] = singular
+        record["singular_steps"] = singular_steps
         record["lr"] = lr
         return record
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """The validation loss -mean log p(x) + β mean ‖x - g(g†(x))‖² with the exact log det."""
+    def validate(self) -> dict[str, Any]:
+        """The validation loss -mean log p(x) + β mean ‖x - g(g†(x))‖² with the exact log det,
+        over the samples whose JᵀJ is not numerically singular (``val_singular`` counts those
+        left out)."""
         self.model.eval()
         try:
             x = distributed.shard(self.val_x)
-            sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+            sums = torch.zeros(5, dtype=torch.float64, device=self.device)
             if len(x):
-                terms = self.model.log_prob_terms(x, chunk_size=self.config.eval_chunk_size)
-                columns = (-terms.log_prob, terms.sq_error, terms.logdet)
+                log_prob, sq_error, ld, singular = self.validation_terms(x)
+                columns = (-log_prob, sq_error, ld)
+                if bool(singular.any()):
+                    columns = tuple(c[~singular] for c in columns)
                 sums[:3] = torch.stack([c.double().sum() for c in columns])
-                sums[3] = len(x)
+                sums[3] = len(columns[0])
+                sums[4] = singular.sum()
             distributed.all_reduce_sum(sums)
         finally:
             self.model.train()
@@ -434,7 +573,22 @@ class _Run:
             "val_nll": nll,
             "val_recon": recon,
             "val_logdet": ld,
+            "val_singular": int(sums[4]),
         }
+
+    def validation_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """log p(x), ‖x - g(g†(x))‖², log det(JᵀJ) (exact) and the singular samples, each (B,),
+        in chunks of ``eval_chunk_size`` rows: ``RectangularFlow.log_prob_terms`` with the
+        singular samples marked (their log det NaN) instead of jittered."""
+        model, decoder = self.model, self.model.decoder
+        rows = []
+        for chunk in x.split(self.config.eval_chunk_size):
+            z = model.encode(chunk)
+            sq_error = ((chunk - decoder(z)) ** 2).sum(1)
+            ld, info = logdet_grad(decoder, z, "exact", on_singular="nan", return_info=True)
+            rows.append((model.latent_log_prob(z), ld, sq_error, info.singular))
+        log_pz, ld, sq_error, singular = (torch.cat(column) for column in zip(*rows))
+        return log_pz - 0.5 * ld, sq_error, ld, singular
 
     def finish_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         """Early-stopping bookkeeping, then best model, checkpoint and metrics line (rank 0)."""
@@ -465,6 +619,36 @@ class _Run:
             )
             with open(self.run_dir / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
+
+    def warn_singular(self, record: Mapping[str, Any]) -> None:
+        """One warning for the epoch of ``record`` if it left out singular samples (rank 0)."""
+        train, steps = record.get("singular_skipped", 0), record.get("singular_steps", 0)
+        val = record.get("val_singular", 0)
+        if not (self.main and (train or val)):
+            return
+        dtype = str(self.train_x.dtype).removeprefix("torch.")
+        what = []
+        if train:
+            what.append(
+                f"{train} of the epoch's {self.epoch_samples} training samples were left out "
+                "of the loss (it is the mean over the others)"
+            )
+        if steps:
+            what.append(f"{steps} step(s) had no other sample and were skipped")
+        if val:
+            what.append(
+                f"{val} of {len(self.val_x)} validation samples were left out of the val_ metrics"
+            )
+        warn_at_caller(
+            f"epoch {record['epoch']}: JᵀJ is numerically singular for some samples (the "
+            f"decoder's Jacobian is rank deficient to {dtype} precision there, so their log "
+            "det is rounding error that would reward a collapsing manifold): "
+            + "; ".join(what)
+            + ". A few now and then are harmless; many, or more each epoch, mean the manifold "
+            "is collapsing: lower lr, lengthen the likelihood warm-up (warmup_end), raise "
+            "beta, or train in float64. metrics.jsonl counts them per epoch (singular_skipped, "
+            "singular_steps, val_singular)."
+        )
 
     def finish(self) -> TrainHistory:
         """Restore the best weights if asked, save the final model; the run's history."""
@@ -510,10 +694,16 @@ def train(
         config: a :class:`TrainConfig`, or a mapping of its fields.
         run_dir: the run folder (created if missing, by rank 0: the other ranks write nothing).
         resume: continue the run whose checkpoint is in run_dir; without it a run_dir that
-            already holds a checkpoint is refused.
+            already holds a checkpoint is refused. ``epochs`` may differ from the saved run's
+            (the learning rate continues without a jump: ``lr_schedule`` of
+            :class:`TrainConfig`); the epochs it trains are a new ``session``.
 
     Returns:
         :class:`TrainHistory`.
+
+    Warns:
+        RuntimeWarning: once per epoch that left singular samples out of the loss or the
+            validation metrics (see the module docstring).
 
     Raises:
         ValueError: bad data or options; FileExistsError: see ``resume``;
@@ -538,17 +728,21 @@ def train(
         desc="train",
         disable=run.shows != "bars",
     )
-    for epoch in epochs:
-        if run.state.stopped_early:
-            break
-        started = time.perf_counter()
-        record = run.epoch(epoch)
-        record.update(run.validate())
-        record["seconds"] = time.perf_counter() - started
-        run.finish_epoch(epoch, record)
-        epochs.set_postfix(val_loss=f"{record['val_loss']:.4g}")
-        if run.shows == "epochs":
-            print(_epoch_line(record, config.epochs), file=sys.stderr, flush=True)
+    with warnings.catch_warnings():
+        # The run counts singular samples itself (run.warn_singular, once per epoch).
+        warnings.filterwarnings("ignore", message=_ENGINE_SINGULAR, category=RuntimeWarning)
+        for epoch in epochs:
+            if run.state.stopped_early:
+                break
+            started = time.perf_counter()
+            record = run.epoch(epoch)
+            record.update(run.validate())
+            record["seconds"] = time.perf_counter() - started
+            run.finish_epoch(epoch, record)
+            run.warn_singular(record)
+            epochs.set_postfix(val_loss=f"{record['val_loss']:.4g}")
+            if run.shows == "epochs":
+                print(_epoch_line(record, config.epochs), file=sys.stderr, flush=True)
     return run.finish()
 
 
@@ -565,6 +759,11 @@ def _epoch_line(record: Mapping[str, Any], epochs: int) -> str:
     )
     if record.get("skipped_steps"):
         line += f", {record['skipped_steps']} steps skipped"
+    if record.get("singular_skipped") or record.get("val_singular"):
+        line += (
+            f", singular samples left out: {record.get('singular_skipped', 0)} train, "
+            f"{record.get('val_singular', 0)} val"
+        )
     if record.get("best"):
         line += ", best"
     return line + f", {record['seconds']:.3g} s"

@@ -1,5 +1,6 @@
-"""The trainer: exact resumption, metrics log, early stopping after the warm-up, non-finite
-steps, and clear errors for bad options, data and checkpoints."""
+"""The trainer: exact resumption, resume sessions, the learning rate across a resume that extends
+the run, metrics log, early stopping after the warm-up, non-finite steps, and clear errors for
+bad options, data and checkpoints."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import math
 import pytest
 import torch
 
+import rnf_fast.models.serialization as serialization
 import rnf_fast.training.trainer as trainer
 from rnf_fast.models import CheckpointError, FlowConfig, RectangularFlow
 from rnf_fast.training import Objective, TrainConfig, likelihood_weight, train
+from rnf_fast.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
 DTYPE = torch.float64
 MODEL = FlowConfig(D=3, d=1, f_layers=2, f_hidden=(8,), h_layers=1)
@@ -42,7 +45,12 @@ def fit(run_dir, *, model=None, resume=False, **changes):
 
 
 def without_time(records):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    """The records without what differs between an uninterrupted and a resumed run."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "session")} for r in records]
+
+
+def log(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize(
@@ -61,14 +69,97 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, changes):
     for (key, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), key
     assert without_time(resumed_history.records) == without_time(history.records)
-    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-    assert without_time(json.loads(line) for line in lines) == without_time(history.records)
+    assert without_time(log(tmp_path / "split")) == without_time(history.records)
+    assert [r["session"] for r in resumed_history.records] == [0, 1]
+
+
+def test_each_resume_that_trains_starts_a_session(tmp_path):
+    fit(tmp_path, epochs=1)
+    fit(tmp_path, epochs=2, resume=True)
+    fit(tmp_path, epochs=2, resume=True)  # nothing left to train: no epoch, no new session
+    _, history = fit(tmp_path, epochs=3, resume=True)
+    assert [(r["epoch"], r["session"]) for r in log(tmp_path)] == [(0, 0), (1, 1), (2, 2)]
+    assert [r["session"] for r in history.records] == [0, 1, 2]
+    payload = serialization.load_payload(
+        tmp_path / "checkpoint.pt", kind=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION
+    )
+    assert payload["state"]["session"] == 2  # kept in the checkpoint, so it survives
+
+
+COSINE = {"lr": 1e-2, "lr_schedule": "cosine", "lr_min_factor": 0.1}
+
+
+def assert_no_jump_up(lrs: list[float]) -> None:
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(lrs, lrs[1:])), lrs
+
+
+def test_extending_a_finished_cosine_run_keeps_its_final_learning_rate(tmp_path):
+    fit(tmp_path, epochs=3, **COSINE)
+    _, history = fit(tmp_path, epochs=6, resume=True, **COSINE)
+    lrs = [r["lr"] for r in history.records]
+    assert lrs[:3] == [trainer.learning_rate(TrainConfig(epochs=3, **COSINE), e) for e in range(3)]
+    assert lrs[2] == pytest.approx(1e-3)  # the first run ended at its minimum ...
+    assert lrs[3:] == [lrs[2]] * 3  # ... and the extension continues there (was 1e-3 -> 4.3e-3)
+
+
+def interrupted(run_dir, monkeypatch, *, after: int, **changes) -> None:
+    """A run killed once epoch ``after`` is saved."""
+    finish_epoch = trainer._Run.finish_epoch
+
+    def killed(self, epoch, record):
+        finish_epoch(self, epoch, record)
+        if epoch == after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer._Run, "finish_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fit(run_dir, **changes)
+    monkeypatch.undo()
+
+
+def test_a_cosine_run_resumed_with_the_same_epochs_is_the_uninterrupted_one(tmp_path, monkeypatch):
+    changes = {"epochs": 3, "restore_best": False, **COSINE}
+    straight, history = fit(tmp_path / "straight", **changes)
+    interrupted(tmp_path / "split", monkeypatch, after=0, **changes)
+    resumed, resumed_history = fit(tmp_path / "split", resume=True, **changes)
+    for (key, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), key
+    assert without_time(resumed_history.records) == without_time(history.records)
+
+
+def test_an_interrupted_cosine_run_extended_decays_from_where_it_stopped(tmp_path, monkeypatch):
+    interrupted(tmp_path, monkeypatch, after=1, epochs=6, **COSINE)
+    _, history = fit(tmp_path, epochs=9, resume=True, **COSINE)
+    lrs = [r["lr"] for r in history.records]
+    six = [trainer.learning_rate(TrainConfig(epochs=6, **COSINE), e) for e in range(6)]
+    assert lrs[:2] == six[:2]
+    assert lrs[2] == pytest.approx(six[2], rel=1e-12)  # resumes where the old schedule was
+    assert lrs[3] > six[3]  # then decays over the longer run
+    assert_no_jump_up(lrs)
+    assert lrs[-1] == pytest.approx(1e-3, rel=1e-12)  # and ends at the minimum
+
+
+def test_a_checkpoint_without_session_or_schedule_resumes(tmp_path):
+    """Checkpoints written before ``session`` and ``lr_segment``: session 0, and the schedule of
+    their saved options."""
+    fit(tmp_path, epochs=3, **COSINE)
+    path = tmp_path / "checkpoint.pt"
+    payload = serialization.load_payload(path, kind=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
+    for key in ("session", "lr_segment"):
+        del payload["state"][key]
+    serialization.atomic_save(payload, path)
+    _, history = fit(tmp_path, epochs=4, resume=True, **COSINE)
+    assert history.records[-1]["session"] == 1
+    assert history.records[-1]["lr"] == history.records[-2]["lr"] == pytest.approx(1e-3)
 
 
 def test_run_folder_holds_log_checkpoint_and_loadable_models(tmp_path):
     model, history = fit(tmp_path, epochs=3, warmup_start=0, warmup_end=2)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = log(tmp_path)
     assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert [(r["session"], r["singular_skipped"], r["val_singular"]) for r in records] == [
+        (0, 0, 0)
+    ] * 3
     assert records[0]["weight"] < 1 and records[2]["weight"] == 1.0
     assert "train_logdet" in records[0] and math.isfinite(records[0]["val_nll"])
     assert history.best_epoch == 2  # the only epoch after the warm-up
