@@ -1,7 +1,9 @@
 """The ``rnf-fast`` command: train, evaluate and sample rectangular flows, benchmark the engine.
 
 rnf-fast train [--dataset vonmises] [--config run.toml] [--epochs 20] ...
-rnf-fast eval RUN_DIR
+rnf-fast train --train a.npy [--val v.npy] [--test b.npy] --latent-dim 2 ...
+rnf-fast train --run-dir RUN_DIR --resume [--epochs 60]
+rnf-fast eval RUN_DIR [--data b.npy]
 rnf-fast sample RUN_DIR -n 64 --out samples.npy
 rnf-fast bench [--size quick] [--out DIR]
 rnf-fast info
@@ -64,13 +66,15 @@ def _describe(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _inputs() -> Iterator[None]:
+def _inputs(flag: str | None = None) -> Iterator[None]:
     """Errors raised while the inputs are checked (before anything is written) are usage
-    errors: bad values in flags, config files and data files."""
+    errors: bad values in flags, config files and data files (prefixed by ``flag`` when the
+    values checked are those of one flag)."""
     try:
         yield
     except (ValueError, TypeError, OSError) as err:
-        raise UsageError(_describe(err)) from err
+        prefix = f"{flag}: " if flag else ""
+        raise UsageError(prefix + _describe(err)) from err
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,6 +113,17 @@ def _nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
+
+
+def _data_file(text: str) -> str:
+    """A .npy or .csv file that exists (--train, --val, --test, --data)."""
+    from .data import TABLE_SUFFIXES
+
+    if Path(text).suffix not in TABLE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"expected a .npy or .csv file, got {text!r}")
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
 
 
 def _run_folder(text: str) -> str:
@@ -327,16 +342,30 @@ def _default_text(section: str | None, key: str) -> str:
     return text
 
 
+def _dataset(args: argparse.Namespace) -> str | None:
+    """--dataset, or npy / csv for --train by the file's extension (None: neither given)."""
+    if args.train is None:
+        return args.dataset
+    if args.root is not None:
+        raise UsageError(
+            "--train FILE stands for --dataset npy|csv --root FILE: give one or the other"
+        )
+    kind = Path(args.train).suffix[1:]
+    if args.dataset not in (None, kind):
+        raise UsageError(f"--train {args.train} is a {kind} file, but --dataset is {args.dataset}")
+    return kind
+
+
 def _overrides(args: argparse.Namespace) -> dict:
+    """The options given as flags (those left out are absent), as config sections."""
     out: dict = {"data": {}, "model": {}, "train": {}}
     for _, section, key, _ in _TRAIN_FLAGS:
         value = getattr(args, key)
         if value is not None:
             out[section][key] = value
-    if args.data_seed is not None:
-        out["data"]["seed"] = args.data_seed
-    if args.root is not None:
-        out["data"]["root"] = args.root
+    data = {"seed": args.data_seed, "root": args.train or args.root}
+    data.update(val_file=args.val, test_file=args.test)
+    out["data"].update({k: v for k, v in data.items() if v is not None})
     if args.standardize is not None:
         out["standardize"] = None if args.standardize == "none" else args.standardize
     if args.no_progress:
@@ -344,11 +373,63 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _flat_keys(config: dict) -> list[str]:
+    """``section.key`` for the options in config's sections, ``key`` for its top-level ones."""
+    keys = []
+    for key, value in config.items():
+        keys += [f"{key}.{k}" for k in value] if isinstance(value, dict) else [key]
+    return keys
+
+
+def _resume_changes(
+    args: argparse.Namespace, file_config: dict | None
+) -> tuple[dict, dict[str, str]]:
+    """The changes a resumed run is asked for (a --config file, then flags) and the names of
+    the options as the user gave them, for errors (``{"train.lr": "--lr"}``)."""
+    overrides = _overrides(args)
+    dataset = _dataset(args)
+    if dataset is not None:
+        overrides["dataset"] = dataset
+    changes: dict = {}
+    for layer in (file_config or {}, overrides):
+        for key, value in layer.items():
+            changes[key] = {**changes.get(key, {}), **value} if isinstance(value, dict) else value
+    names = {key: f"{key} (--config {args.config})" for key in _flat_keys(file_config or {})}
+    spelled = {f"{section}.{key}": flags[0] for flags, section, key, _ in _TRAIN_FLAGS}
+    spelled.update(
+        {
+            "dataset": "--train" if args.train else "--dataset",
+            "data.seed": "--data-seed",
+            "data.root": "--train" if args.train else "--root",
+            "data.val_file": "--val",
+            "data.test_file": "--test",
+            "standardize": "--standardize",
+            "train.progress": "--no-progress",
+        }
+    )
+    # An option both in the file and given as a flag is the flag's.
+    given = set(_flat_keys(overrides))
+    names.update({key: flag for key, flag in spelled.items() if key in given or key not in names})
+    return changes, names
+
+
+def _check_held_out(args: argparse.Namespace, config: dict) -> None:
+    """--val and --test need the training data from a file (npy or csv)."""
+    for flag, value in (("--val", args.val), ("--test", args.test)):
+        if value is not None and config["dataset"] not in ("npy", "csv"):
+            raise UsageError(
+                f"{flag} needs the training data from a file, --train FILE (or --dataset "
+                f"npy|csv --root FILE); dataset {config['dataset']!r} makes its own splits"
+            )
+
+
 def _print_results(results: dict, run_dir: str) -> None:
     from .evaluation import format_metrics
 
     print(format_metrics(results))
-    print(f"run folder: {run_dir} (config.json, model.pt, results.json, metrics.jsonl, plots)")
+    plots = sorted(p.name for p in Path(run_dir).glob("*.png"))
+    files = ", ".join(["config.json", "model.pt", "results.json", "metrics.jsonl", *plots])
+    print(f"run folder: {run_dir} ({files}{'' if plots else '; no plots'})")
 
 
 def _fresh_run_dir(config: dict) -> str:
@@ -367,14 +448,21 @@ def _fresh_run_dir(config: dict) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .runs import load_config_file, prepare_run, resolve_config
+    from .runs import load_config_file, prepare_run, resolve_config, resume_config
     from .training import distributed
 
     with _inputs():
         if args.resume and not args.run_dir:
             raise UsageError("--resume needs --run-dir: the run folder to continue")
         file_config = load_config_file(args.config) if args.config else None
-        config = resolve_config(args.dataset, file_config=file_config, overrides=_overrides(args))
+        if args.resume:
+            # The saved configuration is the default; flags may extend it (more epochs, ...).
+            changes, names = _resume_changes(args, file_config)
+            config = resume_config(args.run_dir, changes, names=names)
+        else:
+            overrides = _overrides(args)
+            config = resolve_config(_dataset(args), file_config=file_config, overrides=overrides)
+            _check_held_out(args, config)
     joined = distributed.launched()
     if joined:
         device = str(config["train"].get("device", "cpu"))
@@ -398,10 +486,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .runs import evaluate_run
+def _moved_data(args: argparse.Namespace) -> dict[str, str]:
+    """The new places of a run's data files given to eval (--root/--train, --val, --test)."""
+    given = {"root": args.root, "val_file": args.val, "test_file": args.test}
+    return {key: value for key, value in given.items() if value is not None}
 
-    _print_results(evaluate_run(args.run_dir), args.run_dir)
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import format_metrics
+    from .runs import load_run
+
+    paths = _moved_data(args)
+    if args.data is not None and paths:
+        raise UsageError(
+            "--data evaluates on that file alone, --root/--train, --val and --test point the "
+            "run at its own data: give one or the other"
+        )
+    run = load_run(args.run_dir)
+    if args.data is not None:
+        with _inputs("--data"):
+            rows = run.read(args.data)
+        results, written = run.evaluate_file(args.data, rows=rows)
+        print(f"{args.data}: {rows.shape[0]} rows of D = {rows.shape[1]}")
+        print(format_metrics(results))
+        print(f"wrote {written}")
+        return 0
+    with _inputs():
+        run = run.pointed_at(paths) if paths else run
+        ds = run.dataset()
+    _print_results(run.evaluate(ds), args.run_dir)
     return 0
 
 
@@ -465,27 +578,59 @@ def _add_train_parser(sub: argparse._SubParsersAction, parents: list) -> None:
         "train",
         parents=parents,
         help="train and evaluate a rectangular flow",
-        description="Train a rectangular flow on a dataset, then evaluate it (test NLL next to "
-        "reconstruction error and sample Fréchet distance; the true entropy where known) and "
-        "write plots. Options: dataset preset < --config file < flags. Under torchrun "
+        description="Train a rectangular flow on a dataset or on your own files (--train, "
+        "--val, --test), then evaluate it (test NLL next to reconstruction error and sample "
+        "Fréchet distance; the true entropy where known) and write plots (with matplotlib). "
+        "Options: dataset preset < --config file < flags; a resumed run (--run-dir X "
+        "--resume) starts from its saved configuration. Under torchrun "
         "(torchrun --nproc-per-node 2 -m rnf_fast.cli train ...) the processes share each "
         "batch (DDP: gloo on CPU, nccl on CUDA) and rank 0 alone writes.",
         epilog="datasets: " + "; ".join(f"{k}: {v}" for k, v in names.items()),
     )
     p.add_argument("--dataset", choices=sorted(names), help=f"dataset (default: {DEFAULT_DATASET})")
     p.add_argument(
-        "--root",
-        help="where the data of a file-based dataset are: the file for npy, csv and image-npy, "
-        "the folder for the others (default: none)",
+        "--train",
+        type=_data_file,
+        metavar="FILE",
+        help="training data: the rows (N, D) of a .npy or .csv file (by extension; csv: "
+        "comma-separated, a header line is detected); stands for --dataset npy|csv --root FILE. "
+        "Without --val and --test, validation and test rows are cut from it: its rows are "
+        "shuffled by numpy's default_rng(--data-seed), the first round(N/10) are validation, "
+        "the next round(N/10) test, the rest train (80/10/10); --val or --test FILE takes the "
+        "place of that cut (--test alone: 90%% train, 10%% validation). --standardize is "
+        "fitted on the training rows alone. On --resume: where the run's training file is now "
+        "(default: none)",
     )
     p.add_argument(
-        "--data-seed", type=_nonnegative_int, help="seed of the data sample and split (default: 0)"
+        "--val",
+        type=_data_file,
+        metavar="FILE",
+        help="validation rows (early stopping, validation loss): a .npy or .csv file as wide as "
+        "--train; on --resume: where it is now (default: cut from --train)",
+    )
+    p.add_argument(
+        "--test",
+        type=_data_file,
+        metavar="FILE",
+        help="test rows (the evaluation after training): a .npy or .csv file as wide as "
+        "--train; on --resume: where it is now (default: cut from --train)",
+    )
+    p.add_argument(
+        "--root",
+        help="where the data of a file-based dataset are: the file for npy, csv and image-npy, "
+        "the folder for the others; on --resume: where the run's data are now, if they moved "
+        "(default: none)",
+    )
+    p.add_argument(
+        "--data-seed",
+        type=_nonnegative_int,
+        help="seed of the data sample and of the split of --train / --root files (default: 0)",
     )
     p.add_argument(
         "--standardize",
         choices=["none", "global", "feature"],
-        help="standardise the data (global: one scale, keeps manifolds' shape; "
-        f"{_default_text(None, 'standardize')})",
+        help="standardise the data, fitted on the training split (global: one scale, keeps "
+        f"manifolds' shape; {_default_text(None, 'standardize')})",
     )
     p.add_argument(
         "--config", help="JSON or TOML file with sections data, model, train (default: none)"
@@ -495,7 +640,11 @@ def _add_train_parser(sub: argparse._SubParsersAction, parents: list) -> None:
         help="run folder (default: a new runs/DATASET-OBJECTIVE-METHOD-seedN[-k])",
     )
     p.add_argument(
-        "--resume", action="store_true", help="continue the run in --run-dir from its checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its checkpoint, with its saved configuration; "
+        "only --epochs (more), --patience, --no-progress and the data's places (--train/--root, "
+        "--val, --test) may be given",
     )
     p.add_argument(
         "--no-progress",
@@ -524,9 +673,42 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "eval",
         parents=[common, threads],
-        help="re-evaluate a trained run and redraw its plots",
+        help="re-evaluate a trained run and redraw its plots, or evaluate it on another file",
+        description="Evaluate a trained run, from any directory: on its test split (rewrites "
+        "results.json and the plots), or with --data on every row of another file (writes "
+        "eval-NAME.json in the run folder). Prints the NLL with its standard error next to "
+        "the reconstruction error and the Fréchet distance of samples (and the true entropy "
+        "where the run's data set knows it).",
     )
     ev.add_argument("run_dir", type=_run_folder, help="run folder written by rnf-fast train")
+    ev.add_argument(
+        "--data",
+        type=_data_file,
+        metavar="FILE",
+        help="evaluate on all rows of this .npy or .csv file (N, D), in the units of the "
+        "training data and as wide as they are; writes RUN_DIR/eval-FILENAME.json (default: "
+        "the run's test split)",
+    )
+    ev.add_argument(
+        "--root",
+        "--train",
+        dest="root",
+        metavar="PATH",
+        help="where the run's data (--root, or the file of --train) are now, if they moved "
+        "(default: where the run was trained)",
+    )
+    ev.add_argument(
+        "--val",
+        type=_data_file,
+        metavar="FILE",
+        help="where the run's --val file is now (default: where the run was trained)",
+    )
+    ev.add_argument(
+        "--test",
+        type=_data_file,
+        metavar="FILE",
+        help="where the run's --test file is now (default: where the run was trained)",
+    )
     ev.set_defaults(func=_cmd_eval)
     sa = _add_parser(
         sub,

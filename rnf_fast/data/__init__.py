@@ -51,6 +51,7 @@ from rnf_fast.data.synthetic import (
     make_von_mises_torus,
 )
 from rnf_fast.data.tabular import (
+    TABLE_SUFFIXES,
     load_bsds300,
     load_csv,
     load_gas,
@@ -58,9 +59,11 @@ from rnf_fast.data.tabular import (
     load_miniboone,
     load_npy,
     load_power,
+    read_table,
 )
 
 __all__ = [
+    "TABLE_SUFFIXES",
     "Dataset",
     "Embedded",
     "ManifoldDistribution",
@@ -94,4 +97,5 @@ __all__ = [
     "random_isometry",
     "random_split",
     "read_idx",
+    "read_table",
 ]

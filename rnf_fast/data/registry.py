@@ -402,6 +402,8 @@ def load_dataset(
     name: str,
     *,
     root: str | Path | None = None,
+    val_file: str | Path | None = None,
+    test_file: str | Path | None = None,
     seed: int = 0,
     n_train: int | None = None,
     n_val: int | float | None = None,
@@ -418,6 +420,8 @@ def load_dataset(
     raises ValueError. `root` is the folder of folder-based sources (MAF sets, IDX files,
     image folders) and the file for "npy", "csv" and "image-npy". `n_val`/`n_test` are counts
     (or fractions, for sources without a published split); `n_train` caps the training set.
+    `val_file` / `test_file` ("npy" and "csv": a .npy or .csv file each) are the validation /
+    test set instead of a part cut from `root`.
 
     Example:
         >>> ds = load_dataset("vonmises", n_train=100, n_val=10, n_test=10)
@@ -431,6 +435,8 @@ def load_dataset(
     params = inspect.signature(loader).parameters
     source = next((p for p in ("root", "path") if p in params), None)
     given = {
+        "val_file": val_file,
+        "test_file": test_file,
         "seed": seed,
         "n_train": n_train,
         "n_val": n_val,

@@ -20,6 +20,8 @@ import torch
 from rnf_fast.data.registry import Dataset, Split, optional_import
 
 __all__ = [
+    "TABLE_SUFFIXES",
+    "read_table",
     "load_npy",
     "load_csv",
     "load_power",
@@ -57,23 +59,9 @@ def _dataset(name: str, splits, split: Split, info: dict) -> Dataset:
     return Dataset(name=name, train=train, val=val, test=test, info=info)
 
 
-def _user_table(name: str, x: np.ndarray, path: Path, split: Split, info: dict) -> Dataset:
-    """A user array (N, D) split by a seeded shuffle."""
-    splits, _ = split.shuffle(_check_table(x, str(path)))
-    return _dataset(name, splits, split, {"path": str(path), "seed": split.seed, **info})
-
-
-def load_npy(
-    path: str | Path,
-    *,
-    n_train: int | None = None,
-    n_val: int | float = 0.1,
-    n_test: int | float = 0.1,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> Dataset:
-    """A user array (N, D) from a .npy file, split by a seeded shuffle (counts or fractions)."""
-    path = _require_file(Path(path), "npy")
+def _read_npy(path: Path) -> np.ndarray:
+    """The array of a .npy file, with errors that name the file."""
+    path = _require_file(path, "npy")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty, expected a .npy array (N, D)")
     try:
@@ -81,7 +69,7 @@ def load_npy(
     except (EOFError, ValueError, OSError) as err:
         # A truncated file gives a bare EOFError, a text file a ValueError about its header.
         raise ValueError(f"{path}: not a readable .npy array file ({err})") from err
-    return _user_table("npy", x, path, Split(n_train, n_val, n_test, seed, dtype), {})
+    return _check_table(x, str(path))
 
 
 def _first_line(path: Path) -> str:
@@ -105,23 +93,11 @@ def _has_header(path: Path, delimiter: str) -> bool:
     return False
 
 
-def load_csv(
-    path: str | Path,
-    *,
-    header: bool | None = None,
-    delimiter: str = ",",
-    n_train: int | None = None,
-    n_val: int | float = 0.1,
-    n_test: int | float = 0.1,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> Dataset:
-    """A user array (N, D) from a numeric .csv file; split by a seeded shuffle.
-
-    header: True/False, or None to detect it (a first line with a non-numeric field). The
-    column names go to info["columns"].
-    """
-    path = _require_file(Path(path), "csv")
+def _read_csv(
+    path: Path, *, header: bool | None = None, delimiter: str = ","
+) -> tuple[np.ndarray, list[str] | None]:
+    """The numeric table of a .csv file and its column names (None without a header line)."""
+    path = _require_file(path, "csv")
     if header is None:
         header = _has_header(path, delimiter)
     columns = None
@@ -134,8 +110,150 @@ def load_csv(
         raise ValueError(
             f"{path}: not a numeric table with delimiter {delimiter!r}: {err}"
         ) from err
+    return _check_table(x, str(path)), columns
+
+
+TABLE_SUFFIXES = (".npy", ".csv")
+"""The file types of :func:`read_table`, told apart by the file's extension."""
+
+
+def read_table(path: str | Path, *, delimiter: str = ",") -> np.ndarray:
+    """The rows (N, D) of a .npy or .csv file, by its extension (csv: header line detected).
+
+    Arguments:
+        path: a ``.npy`` array or a numeric ``.csv`` table, N >= 3 finite rows.
+        delimiter: the field separator of a csv file.
+    Returns:
+        The array (N, D) as stored (a csv file as float64).
+    """
+    path = Path(path)
+    if path.suffix == ".npy":
+        return _read_npy(path)
+    if path.suffix == ".csv":
+        return _read_csv(path, delimiter=delimiter)[0]
+    raise ValueError(f"{path}: expected a .npy or .csv file (told apart by the extension)")
+
+
+def _held_out(
+    path: str | Path | None, n: int | float | None, what: str, *, width: int, delimiter: str
+) -> tuple[np.ndarray | None, int | float]:
+    """The rows of a validation or test file (None without one) and the count or fraction
+    still to cut from the training file for that split: 0 with a file, else ``n`` (default
+    0.1)."""
+    if path is None:
+        return None, 0.1 if n is None else n
+    if n is not None:
+        raise ValueError(
+            f"n_{what} does not apply with {what}_file: the {what} set is that whole file"
+        )
+    x = read_table(path, delimiter=delimiter)
+    if x.shape[1] != width:
+        raise ValueError(
+            f"the {what} file {path} has D = {x.shape[1]} columns, but the training file has "
+            f"D = {width} (--{what} must match --train)"
+        )
+    return x, 0
+
+
+def _user_table(
+    name: str,
+    x: np.ndarray,
+    path: Path,
+    *,
+    val_file: str | Path | None,
+    test_file: str | Path | None,
+    n_train: int | None,
+    n_val: int | float | None,
+    n_test: int | float | None,
+    seed: int,
+    dtype: torch.dtype,
+    delimiter: str = ",",
+    info: dict | None = None,
+) -> Dataset:
+    """A user array (N, D) as train / val / test: the given val and test files as they are,
+    the splits without a file cut from x by a seeded shuffle (:func:`random_split`)."""
+    opts = {"width": x.shape[1], "delimiter": delimiter}
+    val, n_val = _held_out(val_file, n_val, "val", **opts)
+    test, n_test = _held_out(test_file, n_test, "test", **opts)
     split = Split(n_train, n_val, n_test, seed, dtype)
-    return _user_table("csv", x, path, split, {"columns": columns})
+    (train, cut_val, cut_test), _ = split.shuffle(x)
+    splits = (train, cut_val if val is None else val, cut_test if test is None else test)
+    files = {"val_file": val_file, "test_file": test_file}
+    info = {"path": str(path), "seed": seed, **(info or {})}
+    info.update({k: str(v) for k, v in files.items() if v is not None})
+    return _dataset(name, splits, split, info)
+
+
+def load_npy(
+    path: str | Path,
+    *,
+    val_file: str | Path | None = None,
+    test_file: str | Path | None = None,
+    n_train: int | None = None,
+    n_val: int | float | None = None,
+    n_test: int | float | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """A user array (N, D) from a .npy file, split into train, val and test.
+
+    The rows are shuffled by numpy's ``default_rng(seed)``; the first ``n_val`` rows of the
+    shuffle are validation, the next ``n_test`` test, the rest training (capped at
+    ``n_train``). ``n_val`` and ``n_test`` are counts or fractions of N (default 0.1 each,
+    rounded: 80 / 10 / 10). ``val_file`` / ``test_file`` (a .npy or .csv file each, by
+    extension, of the same width D) are the validation / test set instead: nothing is cut from
+    this file for that split, and ``n_val`` / ``n_test`` do not apply.
+    """
+    x = _read_npy(Path(path))
+    return _user_table(
+        "npy",
+        x,
+        Path(path),
+        val_file=val_file,
+        test_file=test_file,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        seed=seed,
+        dtype=dtype,
+    )
+
+
+def load_csv(
+    path: str | Path,
+    *,
+    val_file: str | Path | None = None,
+    test_file: str | Path | None = None,
+    header: bool | None = None,
+    delimiter: str = ",",
+    n_train: int | None = None,
+    n_val: int | float | None = None,
+    n_test: int | float | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """A user array (N, D) from a numeric .csv file, split into train, val and test as by
+    :func:`load_npy`.
+
+    header: True/False, or None to detect it (a first line with a non-numeric field). The
+    column names go to info["columns"]. ``delimiter`` applies to csv validation and test files
+    too.
+    """
+    x, columns = _read_csv(Path(path), header=header, delimiter=delimiter)
+    return _user_table(
+        "csv",
+        x,
+        Path(path),
+        val_file=val_file,
+        test_file=test_file,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        seed=seed,
+        dtype=dtype,
+        delimiter=delimiter,
+        info={"columns": columns},
+    )
 
 
 def _tail_split(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
