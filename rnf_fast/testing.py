@@ -3,12 +3,14 @@ agreement rule that every kernel-against-reference comparison uses (CPU, interpr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "FoldedFlow",  # noqa: F822 (module __getattr__)
     "CG_FLOAT32_TOL",
     "NonVmappableDecoder",
     "SinSoftplusDecoder",
@@ -275,3 +277,42 @@ def cg_agreement(
             "cg Lanczos value", *quads, quad_truth
         )
     return report
+
+
+def __getattr__(name: str):
+    # FoldedFlow subclasses the model: built on first use, so importing this module for the
+    # engine's helpers does not load rnf_fast.models.
+    if name == "FoldedFlow":
+        return _folded_flow()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _folded_flow() -> type:
+    from .models import RectangularFlow
+
+    class FoldedFlow(RectangularFlow):
+        """A rectangular flow (d = 2) whose decoder is rank 1 on half of latent space: g(z) =
+        f(pad(φ(z))) with φ(z) = z where z_1 > ``threshold`` and (t, t), t = z_1 + 2 z_2,
+        elsewhere. There J = J_f [u, 2u] (u = (1, 1) padded) has rank 1, so JᵀJ is singular
+        however f is trained; elsewhere J is f's on the first two coordinates, full rank. The
+        singular samples are known without the engine: ``encode(x)[:, 0] <= threshold``.
+        ``threshold = inf`` makes every sample singular. The decoder is a plain function (the
+        engine's generic path: no explicit rule for φ).
+        """
+
+        def __init__(self, config, *, threshold: float = 0.0) -> None:
+            super().__init__(config)
+            self.threshold = threshold
+
+        def decode(self, z: Tensor) -> Tensor:
+            t = z[:, :1] + 2.0 * z[:, 1:2]
+            folded = torch.cat([t, t], 1)
+            return super().decode(torch.where(z[:, :1] > self.threshold, z, folded))
+
+        @property
+        def decoder(self):
+            return self.decode
+
+    FoldedFlow.__module__ = __name__
+    return FoldedFlow

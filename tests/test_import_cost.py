@@ -16,7 +16,8 @@ HEAVY = ("torch._dynamo", "triton", "sympy", "matplotlib", "rnf_fast.training", 
 
 
 def _loaded_after(code: str) -> list[str]:
-    probe = f"{code}\nimport sys, json\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    listing = f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    probe = f"{code}\nimport sys, json\n{listing}"
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
     )

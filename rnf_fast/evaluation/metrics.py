@@ -11,6 +11,15 @@ Models are duck-typed: anything with the methods a function needs (``encode(x)``
 tensors in model units) will do. When the model was trained on standardised data, pass the
 ``Standardizer``: inputs are then taken in data units and every result is in data units.
 
+Singular samples: where the model's JᵀJ is numerically singular (its decoder's Jacobian rank
+deficient to the model's precision) the log det is rounding error, not a density, and would
+flatter the NLL. A model with ``log_prob_terms(x)`` (a ``RectangularFlow``) is evaluated through
+it, and the samples its ``LogProbTerms.singular`` marks are left out of every NLL mean,
+standard error and NLL AUROC, counted in the results (``evaluate``'s ``"singular"``) and named
+in one warning per call; per-sample results (:func:`data_log_prob`, :func:`ood_scores`) hold
+NaN for them. Reconstruction errors and distances use every sample: they are defined there. A
+model with ``log_prob`` only is taken to have no singular samples.
+
 Example:
     >>> import torch
     >>> from rnf_fast.evaluation import auroc, frechet_distance
@@ -28,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +45,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rnf_fast.engine.checks import warn_at_caller
 from rnf_fast.linearize.base import linearize
+from rnf_fast.models.rectangular import SINGULAR_WARNING
 
 __all__ = [
     "auroc",
@@ -232,27 +244,60 @@ def _log_det_correction(model: Any, y: Tensor, standardizer: Any) -> Tensor:
     return standardizer.log_abs_det_jacobian(tangent=_tangent(model, y)).to(y)
 
 
+def _log_prob(model: Any, y: Tensor) -> tuple[Tensor, Tensor]:
+    """log p (B,) float64 in model units and the singular samples (B,) bool: through
+    ``model.log_prob_terms`` where the model has it, else ``model.log_prob`` (none singular)."""
+    terms_of = getattr(model, "log_prob_terms", None)
+    singular = None
+    if callable(terms_of):
+        terms = terms_of(y)
+        lp, singular = terms.log_prob, getattr(terms, "singular", None)
+    else:
+        lp = model.log_prob(y)
+    lp = lp.reshape(-1).detach().to(torch.float64)
+    if singular is None:
+        return lp, torch.zeros(lp.shape, dtype=torch.bool, device=lp.device)
+    return lp, singular.reshape(-1).to(lp.device, torch.bool)
+
+
 def _model_pass(
     model: Any, x: Tensor, *, standardizer: Any, batch_size: int, recon: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """In chunks: log p (B,) in data units, log p (B,) in model units, reconstructions (B, D)
-    in data units (None unless ``recon``)."""
-    log_p_data, log_p_model, recons = [], [], []
-    for xb in x.split(batch_size):
-        y = xb if standardizer is None else standardizer.transform(xb)
-        with torch.no_grad():
-            lp = model.log_prob(y).reshape(-1).detach().to(torch.float64)
-            log_p_model.append(lp)
-            if standardizer is not None:
-                lp = lp + _log_det_correction(model, y, standardizer).to(lp)
-            log_p_data.append(lp)
-            if recon:
-                r = model.reconstruct(y)
+    in data units (None unless ``recon``), and the singular samples (B,) bool (see the module
+    docstring; their log p is not a density, NaN from a ``RectangularFlow``)."""
+    log_p_data, log_p_model, recons, singulars = [], [], [], []
+    with warnings.catch_warnings():
+        # The model warns per call; the public functions warn once, counting every chunk.
+        warnings.filterwarnings("ignore", message=SINGULAR_WARNING, category=RuntimeWarning)
+        for xb in x.split(batch_size):
+            y = xb if standardizer is None else standardizer.transform(xb)
+            with torch.no_grad():
+                lp, singular = _log_prob(model, y)
+                log_p_model.append(lp)
+                singulars.append(singular)
                 if standardizer is not None:
-                    r = standardizer.inverse_transform(r)
-                recons.append(r.detach().to(xb))
+                    lp = lp + _log_det_correction(model, y, standardizer).to(lp)
+                log_p_data.append(lp)
+                if recon:
+                    r = model.reconstruct(y)
+                    if standardizer is not None:
+                        r = standardizer.inverse_transform(r)
+                    recons.append(r.detach().to(xb))
     x_rec = torch.cat(recons) if recon else None
-    return torch.cat(log_p_data), torch.cat(log_p_model), x_rec
+    return torch.cat(log_p_data), torch.cat(log_p_model), x_rec, torch.cat(singulars)
+
+
+def _warn_singular(counts: str, consequence: str) -> None:
+    """One warning that samples with a numerically singular JᵀJ were met: ``counts`` says how
+    many of what, ``consequence`` what was done with them. It does not begin with
+    ``SINGULAR_WARNING``, so a filter on the model's warnings leaves it."""
+    warn_at_caller(
+        f"{counts} have a numerically singular JᵀJ under the model (its decoder's Jacobian is "
+        "rank deficient to the model's precision there), so their log det is rounding error, "
+        f"not a density: {consequence}. A few are harmless; many mean the learned manifold "
+        "has collapsed there."
+    )
 
 
 def data_log_prob(
@@ -271,13 +316,36 @@ def data_log_prob(
         standardizer: the fitted ``rnf_fast.data.Standardizer`` the model was trained behind.
         batch_size: rows per model call.
     Returns:
-        (B,) float64 log densities (nats, w.r.t. d-dimensional volume on the manifold).
+        (B,) float64 log densities (nats, w.r.t. d-dimensional volume on the manifold); NaN
+        for the samples whose JᵀJ is numerically singular (from a ``RectangularFlow``, whose
+        ``log_prob_terms(x).singular`` marks them), with one warning counting them.
     """
     _require(model, "log_prob")
     _check_samples("x", x)
-    return _model_pass(
+    log_p, _, _, singular = _model_pass(
         model, x, standardizer=standardizer, batch_size=_check_batch_size(batch_size), recon=False
-    )[0]
+    )
+    if bool(singular.any()):
+        _warn_singular(
+            f"{int(singular.sum())} of {len(x)} samples", "their log p is NaN (not averaged)"
+        )
+    return log_p
+
+
+def _ood_pass(
+    model: Any, x: Tensor, *, standardizer: Any, batch_size: int
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The scores of :func:`ood_scores` and the singular samples (B,) bool."""
+    _require(model, "log_prob", "reconstruct")
+    _check_samples("x", x)
+    log_p, _, x_rec, singular = _model_pass(
+        model, x, standardizer=standardizer, batch_size=_check_batch_size(batch_size), recon=True
+    )
+    scores = {
+        "nll": -log_p,
+        "recon_error": reconstruction_error(x, x_rec, per_sample=True).to(torch.float64),
+    }
+    return scores, singular
 
 
 def ood_scores(
@@ -291,17 +359,15 @@ def ood_scores(
         x: (B, D) samples (data units if ``standardizer`` is given).
     Returns:
         {"nll": (B,) -log p(x), "recon_error": (B,) per-sample mean squared error}, float64,
-        both in data units.
+        both in data units. "nll" is NaN for the samples whose JᵀJ is numerically singular
+        (one warning counts them; :func:`ood_auroc` leaves them out).
     """
-    _require(model, "log_prob", "reconstruct")
-    _check_samples("x", x)
-    log_p, _, x_rec = _model_pass(
-        model, x, standardizer=standardizer, batch_size=_check_batch_size(batch_size), recon=True
-    )
-    return {
-        "nll": -log_p,
-        "recon_error": reconstruction_error(x, x_rec, per_sample=True).to(torch.float64),
-    }
+    scores, singular = _ood_pass(model, x, standardizer=standardizer, batch_size=batch_size)
+    if bool(singular.any()):
+        _warn_singular(
+            f"{int(singular.sum())} of {len(x)} samples", "their nll score is NaN (not a score)"
+        )
+    return scores
 
 
 def ood_auroc(
@@ -314,6 +380,10 @@ def ood_auroc(
 ) -> dict[str, float]:
     """AUROC of each :func:`ood_scores` score for telling x_out (positives) from x_in.
 
+    The NLL AUROC leaves out the samples of either set whose JᵀJ is numerically singular
+    (their NLL is no score; one warning counts them); NaN if a set has none left. The
+    reconstruction AUROC uses every sample.
+
     Arguments:
         x_in: (N_in, D) held-out samples of the training distribution.
         x_out: (N_out, D) samples of another dataset, in the same units.
@@ -321,9 +391,20 @@ def ood_auroc(
         {"nll": AUROC, "recon_error": AUROC}. Likelihood AUROCs below 0.5 are a known
         failure of likelihood-based OOD detection, reported as measured.
     """
-    s_in = ood_scores(model, x_in, standardizer=standardizer, batch_size=batch_size)
-    s_out = ood_scores(model, x_out, standardizer=standardizer, batch_size=batch_size)
-    return {k: auroc(s_in[k], s_out[k]) for k in s_in}
+    s_in, singular_in = _ood_pass(model, x_in, standardizer=standardizer, batch_size=batch_size)
+    s_out, singular_out = _ood_pass(model, x_out, standardizer=standardizer, batch_size=batch_size)
+    nll_in, nll_out = s_in["nll"][~singular_in], s_out["nll"][~singular_out]
+    result = {
+        "nll": auroc(nll_in, nll_out) if len(nll_in) and len(nll_out) else float("nan"),
+        "recon_error": auroc(s_in["recon_error"], s_out["recon_error"]),
+    }
+    if bool(singular_in.any() or singular_out.any()):
+        _warn_singular(
+            f"{int(singular_in.sum())} of {len(x_in)} in-distribution and "
+            f"{int(singular_out.sum())} of {len(x_out)} out-of-distribution samples",
+            "they are left out of the NLL AUROC (the reconstruction AUROC uses them)",
+        )
+    return result
 
 
 def _draw_samples(
@@ -344,15 +425,26 @@ def _mean_and_se(v: Tensor) -> tuple[float, float]:
 
 
 def _known_density_metrics(
-    dataset: Any, test_x: Tensor, x_rec: Tensor, samples: Tensor | None, nll: float
+    dataset: Any,
+    test_x: Tensor,
+    x_rec: Tensor,
+    samples: Tensor | None,
+    nll: float,
+    kept: Tensor,
 ) -> dict[str, float]:
+    """What a dataset that knows its density says; ``kept`` (N,) bool: the test samples in
+    ``nll``, on which the true NLL is taken too."""
     out: dict[str, float] = {}
     if getattr(dataset, "entropy", None) is not None:
         out["entropy"] = float(dataset.entropy)
         out["nll_gap"] = nll - out["entropy"]
     true_log_prob = getattr(dataset, "true_log_prob", None)
     if true_log_prob is not None:
-        out["test_true_nll"] = -float(true_log_prob(test_x).to(torch.float64).mean())
+        out["test_true_nll"] = (
+            -float(true_log_prob(test_x[kept]).to(torch.float64).mean())
+            if kept.any()
+            else float("nan")
+        )
         if samples is not None:
             out["sample_true_nll"] = -float(true_log_prob(samples).to(torch.float64).mean())
     project = getattr(dataset, "project", None)
@@ -391,14 +483,18 @@ def evaluate(
         seed: seeds the model samples (the global RNG state is restored); None draws freely.
     Returns:
         A dict of floats:
-        "nll", "nll_se" (mean test NLL in nats per sample and its standard error),
-        "recon_error" (mean squared error per feature), "frechet" (samples vs test_x),
-        "nonfinite" (test samples with a non-finite log p), "nonfinite_samples" (model samples
-        left out of the distances for being non-finite), "n_test", "n_samples";
-        "nll_standardized" with a standardiser; with a dataset that knows them: "entropy",
-        "nll_gap" (nll - entropy), "test_true_nll" (the true NLL of test_x: the entropy's
-        estimate on these same samples), "sample_true_nll", "recon_manifold_distance" and
-        "sample_manifold_distance" (mean Euclidean distance to the true manifold).
+        "nll", "nll_se" (mean test NLL in nats per sample and its standard error, over the
+        test samples that are not singular), "singular" (test samples left out of every NLL
+        number because the model's JᵀJ is numerically singular there: their log det is
+        rounding error; a warning says so when there are any), "recon_error" (mean squared
+        error per feature, every test sample), "frechet" (samples vs test_x),
+        "nonfinite" (test samples, not singular, with a non-finite log p),
+        "nonfinite_samples" (model samples left out of the distances for being non-finite),
+        "n_test", "n_samples"; "nll_standardized" with a standardiser; with a dataset that
+        knows them: "entropy", "nll_gap" (nll - entropy), "test_true_nll" (the true NLL of
+        the test samples in "nll": the entropy's estimate on these same samples),
+        "sample_true_nll", "recon_manifold_distance" and "sample_manifold_distance" (mean
+        Euclidean distance to the true manifold).
     """
     _check_samples("test_x", test_x, min_rows=2)
     n_samples = test_x.shape[0] if n_samples is None else n_samples
@@ -409,13 +505,15 @@ def evaluate(
     _require(model, "log_prob", "reconstruct", *(("sample",) if n_samples else ()))
     batch_size = _check_batch_size(batch_size)
 
-    log_p, log_p_model, x_rec = _model_pass(
+    log_p, log_p_model, x_rec, singular = _model_pass(
         model, test_x, standardizer=standardizer, batch_size=batch_size, recon=True
     )
-    nll, nll_se = _mean_and_se(-log_p)
+    kept = ~singular
+    nll, nll_se = _mean_and_se(-log_p[kept])
     metrics: dict[str, float] = {
         "nll": nll,
         "nll_se": nll_se,
+        "singular": float(singular.sum()),
         "recon_error": float(reconstruction_error(test_x, x_rec)),
     }
     samples = None
@@ -433,13 +531,20 @@ def evaluate(
             frechet_distance(samples, test_x) if samples.shape[0] >= 2 else float("nan")
         )
         metrics["nonfinite_samples"] = float((~finite).sum())
-    metrics["nonfinite"] = float((~torch.isfinite(log_p)).sum())
+    metrics["nonfinite"] = float((~torch.isfinite(log_p[kept])).sum())
     metrics["n_test"] = float(test_x.shape[0])
     metrics["n_samples"] = float(n_samples)
     if standardizer is not None:
-        metrics["nll_standardized"] = -float(log_p_model.mean())
+        metrics["nll_standardized"] = -float(log_p_model[kept].mean())
     if dataset is not None:
-        metrics.update(_known_density_metrics(dataset, test_x, x_rec, samples, nll))
+        metrics.update(_known_density_metrics(dataset, test_x, x_rec, samples, nll, kept))
+    if bool(singular.any()):
+        _warn_singular(
+            f"{int(singular.sum())} of {len(test_x)} test samples",
+            "they are left out of the NLL numbers (nll, nll_se, nll_gap, test_true_nll, "
+            "nll_standardized; counted in 'singular'); the reconstruction error and the "
+            "distances use every sample",
+        )
     return metrics
 
 
@@ -456,6 +561,8 @@ def format_metrics(metrics: dict[str, float]) -> str:
         if "nll_se" in metrics and math.isfinite(metrics["nll_se"]):
             nll += f" ± {metrics['nll_se']:.4f}"
         nll += " nats"
+        if metrics.get("singular"):
+            nll += f" ({metrics['singular']:.0f} singular samples left out)"
         if "entropy" in metrics:
             gap = metrics["nll"] - metrics["entropy"]
             nll += f" (true entropy {metrics['entropy']:.4f}, gap {gap:+.4f})"

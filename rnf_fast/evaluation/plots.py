@@ -601,6 +601,13 @@ _NOT_CURVES = {
 }
 _SPLITS = ("train", "val", "valid", "test")
 _FIRST_PANELS = ("loss", "nll", "recon", "recon_error", "reconstruction", "frechet")
+_SINGULAR_COUNTS = {"singular_skipped": "train", "val_singular": "val"}
+"""The trainer's per-epoch counts of samples left out because their JᵀJ is numerically singular
+(rnf_fast.training.trainer), and their labels in the one panel that shows them."""
+_SINGULAR_STEPS = "singular_steps"
+"""The trainer's count of steps skipped because every sample of the batch was singular: named in
+that panel's title, not drawn (its unit is steps, not samples)."""
+_SINGULAR_PANEL = "singular samples skipped"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -677,6 +684,37 @@ def _plot_panel(ax: Any, name: str, series: dict[str, list[tuple[float, float]]]
     ax.set_title(name + (f" ({hidden} values <= 0 not shown)" if hidden else ""))
 
 
+def _singular_panel(
+    records: list[dict[str, Any]], x_key: str, keys: list[str] | None
+) -> dict[str, list[tuple[float, float]]] | None:
+    """The series of the "singular samples skipped" panel, {label: [(x, count)]}, or None when
+    there is no such panel: by default, when every count is 0 or absent (a healthy run draws
+    nothing extra); with explicit ``keys``, when they name no count."""
+    wanted = [k for k in _SINGULAR_COUNTS if keys is None or k in keys]
+    series = {
+        _SINGULAR_COUNTS[k]: [(r[x_key], r[k]) for r in records if _is_number(r.get(k))]
+        for k in wanted
+    }
+    series = {label: pts for label, pts in series.items() if pts}
+    if not series or (keys is None and not any(y for pts in series.values() for _, y in pts)):
+        return None
+    return series
+
+
+def _draw_singular_panel(
+    ax: Any, series: dict[str, list[tuple[float, float]]], steps: float
+) -> None:
+    """Counts per epoch on a linear axis from 0; ``steps``: steps skipped, named in the title."""
+    for label, pts in series.items():
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=label)
+    ax.set_ylim(bottom=0)
+    title = _SINGULAR_PANEL
+    if steps:
+        title += f" ({steps:.0f} step(s) skipped: all samples singular)"
+    ax.set_title(title)
+
+
 def _curves_figure(
     metrics_jsonl_path: str | Path,
     *,
@@ -689,35 +727,42 @@ def _curves_figure(
     records = _latest_per_x(_read_jsonl(source), x_key)
     if not records:
         raise ValueError(f"metrics_jsonl_path: no line of {source} has a numeric {x_key!r}")
+    singular = _singular_panel(records, x_key, keys)
     if keys is None:
         keys = sorted(
             {k for r in records for k, v in r.items() if _is_number(v)} - _NOT_CURVES - {x_key}
         )
-    if not keys:
+    # The counts of singular samples are no loss curves: they go to their own panel, if any.
+    keys = [k for k in keys if k not in _SINGULAR_COUNTS and k != _SINGULAR_STEPS]
+    if not keys and singular is None:
         raise ValueError(f"metrics_jsonl_path: {source} has no numeric metrics to plot")
     panels: dict[str, list[str]] = {}
     for key in keys:
         panels.setdefault(_panel_name(key), []).append(key)
     first = {name: i for i, name in enumerate(_FIRST_PANELS)}
-    panels = dict(
-        sorted(panels.items(), key=lambda item: (first.get(item[0], len(first)), item[0]))
-    )
+    names = sorted(panels, key=lambda name: (first.get(name, len(first)), name))
+    if singular is not None:
+        names.append(_SINGULAR_PANEL)
     resumes = _resumes(records, x_key)
 
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
     fig = _figure(figsize=(4.6 * cols, 3.4 * rows))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for ax, (name, members) in zip(axes, panels.items()):
-        series = {
-            key: [
-                (r[x_key], r[key])
-                for r in records
-                if _is_number(r.get(key)) and math.isfinite(r[key])
-            ]
-            for key in members
-        }
-        _plot_panel(ax, name, series)
+    for ax, name in zip(axes, names):
+        if name == _SINGULAR_PANEL and singular is not None:
+            steps = sum(r[_SINGULAR_STEPS] for r in records if _is_number(r.get(_SINGULAR_STEPS)))
+            _draw_singular_panel(ax, singular, steps)
+        else:
+            series = {
+                key: [
+                    (r[x_key], r[key])
+                    for r in records
+                    if _is_number(r.get(key)) and math.isfinite(r[key])
+                ]
+                for key in panels[name]
+            }
+            _plot_panel(ax, name, series)
         for i, x in enumerate(resumes):
             ax.axvline(
                 x,
@@ -727,10 +772,10 @@ def _curves_figure(
                 gid="resumed",
                 label="resumed" if i == 0 else "_nolegend_",
             )
-        ax.set(xlabel=x_key, ylabel=name)
+        ax.set(xlabel=x_key, ylabel="samples" if name == _SINGULAR_PANEL else name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    for ax in axes[len(panels) :]:
+    for ax in axes[len(names) :]:
         ax.set_axis_off()
     fig.suptitle(title or source.name)
     return fig
@@ -751,7 +796,11 @@ def plot_training_curves(
     the last line wins. Keys that differ only by a split prefix or suffix ("train_loss",
     "val_loss", "loss") share a panel. Reconstruction errors ("recon…" panels) use a log
     scale, as does any panel whose values are all positive and span more than two decades;
-    values <= 0 are left out of a log panel and counted in its title. Where the integer
+    values <= 0 are left out of a log panel and counted in its title. The trainer's counts of
+    samples left out for a numerically singular JᵀJ (``singular_skipped``, ``val_singular``;
+    ``singular_steps`` is named in the title) are not curves of their own: one "singular
+    samples skipped" panel shows them per epoch, train and val, when any is nonzero (or when
+    ``keys`` names them), and nothing is added otherwise. Where the integer
     ``"session"`` field of the records changes (0 for the original run, +1 per resume;
     absent counts as 0), a dashed vertical line labelled "resumed" marks the first epoch of
     the new session in every panel.
@@ -761,7 +810,7 @@ def plot_training_curves(
         path: the PNG to write.
         x_key: the key on the x axis.
         keys: the keys to plot; default every numeric key except counters such as "step"
-            and "session".
+            and "session" (and the singular counts, drawn as said above).
         title: figure title; default the log's file name.
     Returns:
         path as a ``Path``.

@@ -5,12 +5,19 @@ Its density with respect to d-dimensional volume on the learned manifold is
     log p(x) = log p_Z(z) - ½ log det(JᵀJ),   z = g†(x),   J = ∂g/∂z (D × d per sample),
 
 evaluated at the projection g(g†(x)) of x onto the manifold.
+
+Singular samples: where JᵀJ is numerically singular (J rank deficient to the precision of the
+model's dtype, as :func:`rnf_fast.logdet_grad` detects it) the log det is rounding error, not
+geometry, and a very negative one: a density there is meaningless and would flatter the model.
+:meth:`RectangularFlow.log_prob_terms` marks such samples (``LogProbTerms.singular``) and by
+default gives them a NaN log det and log p, so that no mean silently includes them.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,17 +26,24 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_rows
-from ..engine.api import Method, logdet
+from ..engine.api import Method, SingularJacobianError, logdet_grad
+from ..engine.checks import OnSingular, check_on_singular, warn_at_caller
 from ..flows import ActNorm, Permutation
 from ..linearize.flows import PaddedFlowDecoder, PaddedFlowLinearization
 from .builders import build_f, build_h
 from .config import FlowConfig
 from .serialization import atomic_save, load_payload, load_state
 
-__all__ = ["LogProbTerms", "RectangularDecoder", "RectangularFlow"]
+__all__ = ["SINGULAR_WARNING", "LogProbTerms", "RectangularDecoder", "RectangularFlow"]
 
 MODEL_FORMAT = "rnf_fast.RectangularFlow"
 MODEL_VERSION = 1
+
+SINGULAR_WARNING = "JᵀJ is numerically singular"
+"""How the warnings about singular samples begin, the engine's (one per call) and
+:meth:`RectangularFlow.log_prob_terms`' (one per call, over all its chunks): a caller that
+counts ``LogProbTerms.singular`` itself silences both with
+``warnings.filterwarnings("ignore", message=SINGULAR_WARNING)``."""
 
 
 @dataclass
@@ -37,16 +51,22 @@ class LogProbTerms:
     """The parts of the exact log-likelihood of x, each (B,).
 
     Attributes:
-        log_prob: log p(x) = log_pz - ½ logdet.
-        log_pz: log p_Z(z) at z = g†(x).
-        logdet: log det(JᵀJ) at z.
-        sq_error: ‖x - g(g†(x))‖², the squared distance of x from its projection.
+        log_prob: log p(x) = log_pz - ½ logdet; NaN where ``singular`` (by default, see
+            :meth:`RectangularFlow.log_prob_terms`).
+        log_pz: log p_Z(z) at z = g†(x) (finite where ``singular`` too).
+        logdet: log det(JᵀJ) at z; NaN where ``singular`` (by default).
+        sq_error: ‖x - g(g†(x))‖², the squared distance of x from its projection (finite
+            where ``singular`` too).
+        singular: bool, the samples whose JᵀJ is numerically singular: their log det is
+            rounding error, so a mean of ``log_prob`` must leave them out and say how many it
+            left out.
     """
 
     log_prob: Tensor
     log_pz: Tensor
     logdet: Tensor
     sq_error: Tensor
+    singular: Tensor
 
 
 class RectangularDecoder(nn.Module):
@@ -174,9 +194,22 @@ class RectangularFlow(nn.Module):
 
     @torch.no_grad()
     def log_prob_terms(
-        self, x: Tensor, *, chunk_size: int = 1024, method: Method = "exact"
+        self,
+        x: Tensor,
+        *,
+        chunk_size: int = 1024,
+        method: Method = "exact",
+        on_singular: OnSingular = "nan",
     ) -> LogProbTerms:
         """log p(x) and its parts, evaluated in chunks of rows under ``torch.no_grad()``.
+
+        A sample whose JᵀJ is numerically singular (J rank deficient to the precision of the
+        model's dtype: ``on_singular`` of :func:`rnf_fast.logdet_grad` says how the engine
+        tells) has a log det that is rounding error, so no density. It is always marked in
+        ``LogProbTerms.singular``, and one warning per call counts such samples (it begins
+        with :data:`SINGULAR_WARNING`); what its ``logdet`` and ``log_prob`` hold is
+        ``on_singular``'s choice. Its ``log_pz`` and ``sq_error`` are computed as for any
+        sample.
 
         Arguments:
             x: (B, D) finite data.
@@ -184,32 +217,104 @@ class RectangularFlow(nn.Module):
                 of each row).
             method: of the log det: ``"exact"`` (default), or ``"cg"``/``"auto"`` for a
                 stochastic Lanczos estimate when d is large.
+            on_singular: ``"nan"`` (default): the log det and log p of a singular sample are
+                NaN, so a mean over the batch is NaN unless it leaves the marked samples out.
+                ``"jitter"``: the engine's value where it has one (jittered where the Cholesky
+                factorisation needs it: rounding-dominated, for diagnostics, not for
+                reporting), NaN where it has none. ``"raise"``:
+                :class:`rnf_fast.SingularJacobianError` naming the rows.
 
         Returns:
             :class:`LogProbTerms`, each (B,).
+
+        Example:
+            >>> import torch
+            >>> model = RectangularFlow({"D": 3, "d": 2, "f_layers": 2, "h_layers": 2})
+            >>> x = torch.randn(8, 3)
+            >>> model.initialize(x)
+            >>> terms = model.log_prob_terms(x)
+            >>> nll = -terms.log_prob[~terms.singular].mean()  # a mean that leaves them out
+            >>> terms.singular.shape, int(terms.singular.sum())
+            (torch.Size([8]), 0)
         """
         self._check_x(x)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        check_on_singular(on_singular)
+        # "raise" runs as "nan" (both skip the jitter) and raises here, naming rows of x rather
+        # than of a chunk.
+        engine_choice = "jitter" if on_singular == "jitter" else "nan"
+        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         decoder = self.decoder
-        for chunk in x.split(chunk_size):
-            z = self.encode(chunk)
-            sq_error = ((chunk - decoder(z)) ** 2).sum(1)
-            parts.append((self.latent_log_prob(z), logdet(decoder, z, method=method), sq_error))
-        log_pz, ld, sq_error = (torch.cat(column) for column in zip(*parts))
-        return LogProbTerms(log_pz - 0.5 * ld, log_pz, ld, sq_error)
+        start = 0  # the row of x where the chunk begins
+        with warnings.catch_warnings():
+            # One warning for the whole call below, in place of the engine's one per chunk.
+            warnings.filterwarnings("ignore", message=SINGULAR_WARNING, category=RuntimeWarning)
+            for chunk in x.split(chunk_size):
+                z = self.encode(chunk)
+                sq_error = ((chunk - decoder(z)) ** 2).sum(1)
+                ld, info = logdet_grad(
+                    decoder, z, method, on_singular=engine_choice, return_info=True
+                )
+                if on_singular == "raise" and bool(info.singular.any()):
+                    rows = info.singular.nonzero().squeeze(-1) + start
+                    among = f"of the {len(chunk)} sample(s) of the chunk from row {start}"
+                    raise SingularJacobianError(self._singular_message(rows, among))
+                parts.append((self.latent_log_prob(z), ld, sq_error, info.singular))
+                start += len(chunk)
+        log_pz, ld, sq_error, singular = (torch.cat(column) for column in zip(*parts))
+        if bool(singular.any()):
+            rows = singular.nonzero().squeeze(-1)
+            among = f"of {len(x)} sample(s)"
+            warn_at_caller(self._singular_message(rows, among, values=on_singular))
+        return LogProbTerms(log_pz - 0.5 * ld, log_pz, ld, sq_error, singular)
 
-    def log_prob(self, x: Tensor, *, chunk_size: int = 1024, method: Method = "exact") -> Tensor:
+    def _singular_message(self, rows: Tensor, among: str, *, values: str = "") -> str:
+        """What a warning or error about singular samples says: ``rows`` (k,) their rows of x,
+        ``among`` the samples looked at ("of 20 sample(s)"), ``values`` the ``on_singular``
+        choice that set their values."""
+        listed = rows[:10].tolist()
+        dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
+        message = (
+            f"{SINGULAR_WARNING} for {len(rows)} {among} (rows {listed}"
+            f"{'...' if len(rows) > 10 else ''} of x): the decoder's Jacobian is rank deficient "
+            f"to {dtype} precision there, so their log det is rounding error, not a density"
+        )
+        if values == "nan":
+            message += (
+                "; their logdet and log_prob are NaN. LogProbTerms.singular marks them: leave "
+                "them out of a mean and report how many (rnf_fast.evaluation.evaluate does)"
+            )
+        elif values == "jitter":
+            message += (
+                "; on_singular='jitter' kept the engine's value where it had one (jittered "
+                "where the Cholesky factorisation needed it: rounding-dominated), NaN elsewhere. "
+                "LogProbTerms.singular marks them all: leave them out of any reported mean"
+            )
+        return message
+
+    def log_prob(
+        self,
+        x: Tensor,
+        *,
+        chunk_size: int = 1024,
+        method: Method = "exact",
+        on_singular: OnSingular = "nan",
+    ) -> Tensor:
         """The exact log density log p_Z(g†(x)) - ½ log det(JᵀJ), in chunks, without a graph.
 
         A density on the learned manifold, taken at the projection of x: report it beside
-        ``log_prob_terms(x).sq_error``. Arguments as :meth:`log_prob_terms`.
+        ``log_prob_terms(x).sq_error``. NaN for a sample whose JᵀJ is numerically singular
+        (by default; see :meth:`log_prob_terms`, whose ``singular`` marks them). Arguments as
+        :meth:`log_prob_terms`.
 
         Returns:
             (B,) log densities.
         """
-        return self.log_prob_terms(x, chunk_size=chunk_size, method=method).log_prob
+        terms = self.log_prob_terms(
+            x, chunk_size=chunk_size, method=method, on_singular=on_singular
+        )
+        return terms.log_prob
 
     def _draw(self, n: int, generator: torch.Generator | None) -> Tensor:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -47,11 +47,11 @@ from torch.optim import Adam, Optimizer
 from tqdm.auto import tqdm
 
 from ..checks import check_rows
-from ..engine.api import DEFAULT_CG_TOL, logdet_grad
+from ..engine.api import DEFAULT_CG_TOL
 from ..engine.checks import warn_at_caller
 from ..engine.probes import PROBE_KINDS
 from ..models import RectangularFlow, load_payload, load_state
-from ..models.rectangular import MODEL_FORMAT, MODEL_VERSION
+from ..models.rectangular import MODEL_FORMAT, MODEL_VERSION, SINGULAR_WARNING
 from . import distributed
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .objectives import OBJECTIVES, Objective
@@ -59,10 +59,6 @@ from .objectives import OBJECTIVES, Objective
 __all__ = ["TrainConfig", "TrainHistory", "likelihood_weight", "train"]
 
 METHODS = ("auto", "exact", "cg")
-
-_ENGINE_SINGULAR = "JᵀJ is numerically singular"
-"""How the engine's warning per call about singular samples begins: the trainer counts those
-samples itself and warns once per epoch instead."""
 
 
 @dataclass(frozen=True)
@@ -549,16 +545,20 @@ class _Run:
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
-        """The validation loss -mean log p(x) + β mean ‖x - g(g†(x))‖² with the exact log det,
-        over the samples whose JᵀJ is not numerically singular (``val_singular`` counts those
-        left out)."""
+        """The validation loss -mean log p(x) + β mean ‖x - g(g†(x))‖² with the exact log det
+        (``RectangularFlow.log_prob_terms`` in chunks of ``eval_chunk_size`` rows), over the
+        samples whose JᵀJ is not numerically singular (``val_singular`` counts those left
+        out)."""
         self.model.eval()
         try:
             x = distributed.shard(self.val_x)
             sums = torch.zeros(5, dtype=torch.float64, device=self.device)
             if len(x):
-                log_prob, sq_error, ld, singular = self.validation_terms(x)
-                columns = (-log_prob, sq_error, ld)
+                terms = self.model.log_prob_terms(
+                    x, chunk_size=self.config.eval_chunk_size, method="exact", on_singular="nan"
+                )
+                singular = terms.singular
+                columns = (-terms.log_prob, terms.sq_error, terms.logdet)
                 if bool(singular.any()):
                     columns = tuple(c[~singular] for c in columns)
                 sums[:3] = torch.stack([c.double().sum() for c in columns])
@@ -575,20 +575,6 @@ class _Run:
             "val_logdet": ld,
             "val_singular": int(sums[4]),
         }
-
-    def validation_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """log p(x), ‖x - g(g†(x))‖², log det(JᵀJ) (exact) and the singular samples, each (B,),
-        in chunks of ``eval_chunk_size`` rows: ``RectangularFlow.log_prob_terms`` with the
-        singular samples marked (their log det NaN) instead of jittered."""
-        model, decoder = self.model, self.model.decoder
-        rows = []
-        for chunk in x.split(self.config.eval_chunk_size):
-            z = model.encode(chunk)
-            sq_error = ((chunk - decoder(z)) ** 2).sum(1)
-            ld, info = logdet_grad(decoder, z, "exact", on_singular="nan", return_info=True)
-            rows.append((model.latent_log_prob(z), ld, sq_error, info.singular))
-        log_pz, ld, sq_error, singular = (torch.cat(column) for column in zip(*rows))
-        return log_pz - 0.5 * ld, sq_error, ld, singular
 
     def finish_epoch(self, epoch: int, record: dict[str, Any]) -> None:
         """Early-stopping bookkeeping, then best model, checkpoint and metrics line (rank 0)."""
@@ -729,8 +715,9 @@ def train(
         disable=run.shows != "bars",
     )
     with warnings.catch_warnings():
-        # The run counts singular samples itself (run.warn_singular, once per epoch).
-        warnings.filterwarnings("ignore", message=_ENGINE_SINGULAR, category=RuntimeWarning)
+        # The run counts singular samples itself (run.warn_singular, once per epoch): the
+        # engine's and the model's warnings per call are silenced.
+        warnings.filterwarnings("ignore", message=SINGULAR_WARNING, category=RuntimeWarning)
         for epoch in epochs:
             if run.state.stopped_early:
                 break

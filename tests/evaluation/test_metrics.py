@@ -1,7 +1,9 @@
 """Metrics against closed forms: Fréchet distance of Gaussians, AUROC against scikit-learn,
-evaluate() against the analytic NLL of a linear injective flow with a Gaussian latent."""
+evaluate() against the analytic NLL of a linear injective flow with a Gaussian latent, and
+samples with a numerically singular JᵀJ left out of every NLL number and counted."""
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,6 +22,8 @@ from rnf_fast.evaluation import (
     ood_scores,
     reconstruction_error,
 )
+from rnf_fast.models import FlowConfig, RectangularFlow
+from rnf_fast.testing import FoldedFlow
 
 DT = torch.float64
 
@@ -268,6 +272,7 @@ def test_evaluate_gives_the_analytic_nll_recon_error_and_truth_metrics():
     # Samples come from the plane while x carries off-plane noise (variance 0.01 in 3 dims).
     assert out["frechet"] == pytest.approx(0.03, abs=0.03)
     assert out["nonfinite"] == 0 and out["n_test"] == 400 and out["n_samples"] == 4000
+    assert out["singular"] == 0  # a model with log_prob only has none
     assert "nll_standardized" not in out
 
 
@@ -341,3 +346,109 @@ def test_format_metrics_puts_nll_beside_reconstruction_error():
     line = format_metrics(evaluate(model, x, dataset=SimpleNamespace(entropy=entropy)))
     assert line.startswith("test NLL ") and "true entropy" in line
     assert line.index("test NLL") < line.index("recon MSE") < line.index("Fréchet")
+
+
+# -------------------------------------------------------------------- singular samples
+
+
+CONFIG = FlowConfig(D=3, d=2, f_layers=2, f_hidden=(8,), h_layers=1)
+
+
+def _flow(cls, x):
+    model = cls(CONFIG).to(DT)
+    model.initialize(x)
+    return model.eval()
+
+
+def _rows(n, seed):
+    return torch.randn(n, 3, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def _folded(model, x):
+    """The rows whose JᵀJ the fold makes singular, known without the engine."""
+    with torch.no_grad():
+        return model.encode(x)[:, 0] <= 0
+
+
+def _call(fn, *args, **kw):
+    """fn's result and the messages of the RuntimeWarnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args, **kw)
+    return out, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_evaluate_leaves_singular_samples_out_of_the_nll_and_counts_them():
+    x = _rows(40, seed=0)
+    model = _flow(FoldedFlow, x)
+    singular = _folded(model, x)
+    k = int(singular.sum())
+    assert 0 < k < 40
+    kept = ~singular
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        log_p = model.log_prob(x)
+    dataset = SimpleNamespace(true_log_prob=lambda t: -t.square().sum(1))
+    # batch_size 16: three calls of the model, one warning.
+    out, messages = _call(evaluate, model, x, dataset=dataset, n_samples=0, batch_size=16)
+    nll = -log_p[kept]
+    assert out["singular"] == k and out["n_test"] == 40 and out["nonfinite"] == 0
+    assert out["nll"] == pytest.approx(float(nll.mean()), rel=1e-12)
+    assert out["nll_se"] == pytest.approx(float(nll.std() / math.sqrt(40 - k)), rel=1e-10)
+    # The true NLL on the same samples as "nll"; reconstructions of every sample.
+    assert out["test_true_nll"] == pytest.approx(float(x[kept].square().sum(1).mean()))
+    with torch.no_grad():
+        recon = reconstruction_error(x, model.reconstruct(x))
+    assert out["recon_error"] == pytest.approx(float(recon), rel=1e-12)
+    assert len(messages) == 1, messages  # the model's own warnings are gathered into this one
+    assert messages[0].startswith(f"{k} of 40 test samples have a numerically singular JᵀJ")
+    assert "left out of the NLL numbers" in messages[0]
+    assert f"({k} singular samples left out)" in format_metrics(out)
+
+
+def test_evaluate_of_a_healthy_flow_counts_no_singular_sample_and_warns_nothing():
+    x = _rows(30, seed=1)
+    model = _flow(RectangularFlow, x)
+    out, messages = _call(evaluate, model, x, n_samples=0, batch_size=16)
+    assert out["singular"] == 0 and not messages
+    assert out["nll"] == -float(model.log_prob(x).double().mean())
+    assert "singular" not in format_metrics(out)
+
+
+def test_nll_standardized_leaves_the_singular_samples_out_too():
+    x = 3.0 * _rows(40, seed=2) + 1.0
+    st = Standardizer(mode="global").fit(x)
+    model = _flow(FoldedFlow, st.transform(x))
+    singular = _folded(model, st.transform(x))
+    assert singular.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        log_p = model.log_prob(st.transform(x))
+    out, messages = _call(evaluate, model, x, standardizer=st, n_samples=0)
+    assert out["singular"] == int(singular.sum()) and len(messages) == 1
+    expected = -float(log_p[~singular].mean())
+    assert out["nll_standardized"] == pytest.approx(expected, rel=1e-12)
+    # Data units: the global scale s adds d · log s to every kept sample's NLL.
+    assert out["nll"] == pytest.approx(expected + 2 * math.log(float(st.scale[0])), rel=1e-12)
+
+
+def test_per_sample_scores_are_nan_and_the_nll_auroc_leaves_singular_samples_out():
+    x_in = _rows(30, seed=3)
+    x_out = _rows(25, seed=4) + 1.5
+    model = _flow(FoldedFlow, x_in)
+    s_in, s_out = _folded(model, x_in), _folded(model, x_out)
+    assert s_in.any() and s_out.any()
+    log_p, messages = _call(data_log_prob, model, x_in, batch_size=8)
+    assert torch.equal(log_p.isnan(), s_in)
+    assert len(messages) == 1 and messages[0].startswith(f"{int(s_in.sum())} of 30 samples")
+    scores, messages = _call(ood_scores, model, x_out)
+    assert torch.equal(scores["nll"].isnan(), s_out) and len(messages) == 1
+    aucs, messages = _call(ood_auroc, model, x_in, x_out)
+    expected = pairwise_auroc(-log_p[~s_in], scores["nll"][~s_out])
+    assert aucs["nll"] == pytest.approx(expected, abs=1e-12)
+    # The reconstruction AUROC uses every sample of both sets.
+    scores_in, _ = _call(ood_scores, model, x_in)
+    assert aucs["recon_error"] == auroc(scores_in["recon_error"], scores["recon_error"])
+    assert len(messages) == 1
+    counts = f"{int(s_in.sum())} of 30 in-distribution and {int(s_out.sum())} of 25 out-of"
+    assert messages[0].startswith(counts)

@@ -405,3 +405,53 @@ def test_curves_plot_the_latest_copy_of_a_rewritten_epoch(tmp_path):
     assert list(curve.get_xdata()) == [0, 1, 2, 3, 4]
     assert list(curve.get_ydata()) == [2.0, 1.9, 1.8, 1.7 + 5, 1.6 + 5]
     assert [line.get_xdata()[0] for line in _resume_lines(ax)] == [3]
+
+
+def _trainer_records(train, val, steps):
+    """Epoch records as the trainer writes them, with its counts of singular samples."""
+    records = _recon_records(range(len(train)))
+    for e, r in enumerate(records):
+        r.update(train_loss=2.0 - e / 10, val_loss=2.1 - e / 10, skipped_steps=0, lr=1e-3)
+        r.update(singular_skipped=train[e], val_singular=val[e], singular_steps=steps[e])
+    return records
+
+
+def _titles(fig):
+    return [ax.get_title() for ax in fig.axes if ax.axison]
+
+
+def test_curves_of_a_run_without_singular_samples_draw_no_count(tmp_path):
+    records = _trainer_records([0] * 4, [0] * 4, [0] * 4)
+    fig = _curves_figure(
+        _write_log(tmp_path / "metrics.jsonl", records), x_key="epoch", keys=None, title=None
+    )
+    # Neither a "singular samples" panel nor the counts as loss-like curves of their own.
+    assert not [t for t in _titles(fig) if "singular" in t]
+    assert sorted(_titles(fig)) == ["loss", "lr", "nll", "recon", "skipped_steps"]
+
+
+def test_curves_draw_the_singular_counts_in_one_panel_when_any_is_nonzero(tmp_path):
+    records = _trainer_records([0, 5, 12, 3], [0, 0, 2, 1], [0, 0, 1, 0])
+    log = _write_log(tmp_path / "metrics.jsonl", records)
+    fig = _curves_figure(log, x_key="epoch", keys=None, title=None)
+    singular = [t for t in _titles(fig) if "singular" in t]
+    assert singular == ["singular samples skipped (1 step(s) skipped: all samples singular)"]
+    ax = _panel(fig, "singular samples skipped")
+    curves = {line.get_label(): list(line.get_ydata()) for line in ax.lines}
+    assert curves == {"train": [0, 5, 12, 3], "val": [0, 0, 2, 1]}
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
+    # The other panels are those of a run without singular samples.
+    assert sorted(set(_titles(fig)) - set(singular)) == [
+        "loss",
+        "lr",
+        "nll",
+        "recon",
+        "skipped_steps",
+    ]
+    # Keys given: the panel is drawn for the counts they name, and only for those.
+    only = _curves_figure(log, x_key="epoch", keys=["val_singular", "val_loss"], title=None)
+    ax = _panel(only, "singular samples skipped")
+    assert [line.get_label() for line in ax.lines] == ["val"]
+    assert _titles(_curves_figure(log, x_key="epoch", keys=["val_loss"], title=None)) == ["loss"]
+    path = tmp_path / "curves.png"
+    _assert_png(path, plot_training_curves(log, path))

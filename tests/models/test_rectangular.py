@@ -1,15 +1,19 @@
-"""RectangularFlow: log_prob against a dense float64 computation, left inverse, sampling,
-save/load, and input errors."""
+"""RectangularFlow: log_prob against a dense float64 computation, singular samples marked,
+left inverse, sampling, save/load, and input errors."""
 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import pytest
 import torch
 
+from rnf_fast import SingularJacobianError
 from rnf_fast.models import CheckpointError, FlowConfig, RectangularFlow
-from rnf_fast.testing import dense_jacobian, dense_logdet, rel_error
+from rnf_fast.models.rectangular import SINGULAR_WARNING
+from rnf_fast.testing import FoldedFlow, dense_jacobian, dense_logdet, rel_error
 
 DTYPE = torch.float64
 
@@ -77,6 +81,70 @@ def test_log_prob_terms_are_consistent():
     torch.testing.assert_close(terms.log_prob, terms.log_pz - 0.5 * terms.logdet)
     torch.testing.assert_close(terms.sq_error, ((x - model.reconstruct(x)) ** 2).sum(1))
     assert not terms.log_prob.requires_grad
+    assert terms.singular.dtype == torch.bool and terms.singular.shape == (6,)
+    assert not terms.singular.any()
+
+
+def folded() -> tuple[FoldedFlow, torch.Tensor, torch.Tensor]:
+    """A float64 FoldedFlow, 20 rows of data, and the rows it folds (known without the engine)."""
+    model = FoldedFlow(FlowConfig(D=3, d=2, f_layers=2, f_hidden=(8,), h_layers=1)).to(DTYPE)
+    x = data(20, 3, seed=4)
+    model.initialize(x)
+    model.eval()
+    with torch.no_grad():
+        return model, x, model.encode(x)[:, 0] <= 0
+
+
+def runtime_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_singular_samples_are_marked_and_nan_by_default_with_one_warning():
+    model, x, folded_rows = folded()
+    rows = folded_rows.nonzero().squeeze(-1).tolist()
+    assert 0 < len(rows) < len(x) and max(rows) >= 7  # some beyond the first chunk of 7
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        terms = model.log_prob_terms(x, chunk_size=7)
+        log_prob = model.log_prob(x, chunk_size=7)
+    assert torch.equal(terms.singular, folded_rows)
+    # NaN exactly where marked, in log det and log p (and in log_prob, which routes here).
+    assert torch.equal(terms.logdet.isnan(), folded_rows)
+    assert torch.equal(terms.log_prob.isnan(), folded_rows)
+    assert torch.equal(log_prob.isnan(), folded_rows)
+    # The latent density and the reconstruction error are those of any sample.
+    with torch.no_grad():
+        torch.testing.assert_close(terms.log_pz, model.latent_log_prob(model.encode(x)))
+        torch.testing.assert_close(terms.sq_error, ((x - model.reconstruct(x)) ** 2).sum(1))
+    # The other samples keep their exact log p.
+    kept = ~folded_rows
+    assert rel_error(terms.log_prob[kept], dense_log_prob(model, x[kept])) < 1e-10
+    # One warning for the call (not one per chunk, nor the engine's), naming rows of x.
+    messages = runtime_warnings(caught)
+    assert len(messages) == 2  # log_prob_terms, then log_prob
+    head = f"{SINGULAR_WARNING} for {len(rows)} of 20 sample(s) (rows {rows[:10]}"
+    assert messages[0].startswith(head) and messages[0] == messages[1]
+    assert "logdet and log_prob are NaN" in messages[0]
+
+
+def test_on_singular_jitter_keeps_values_and_raise_names_the_rows():
+    model, x, folded_rows = folded()
+    kept = ~folded_rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nan = model.log_prob_terms(x, chunk_size=7)
+        jitter = model.log_prob_terms(x, chunk_size=7, on_singular="jitter")
+    # The mask does not depend on the choice, nor do the samples that are not singular.
+    assert torch.equal(jitter.singular, folded_rows)
+    assert torch.equal(jitter.log_prob[kept], nan.log_prob[kept])
+    # "raise" stops at the first chunk (rows 0-6) with a singular sample, naming its rows.
+    first = [r for r in folded_rows.nonzero().squeeze(-1).tolist() if r < 7]
+    assert first  # the data has some in the first chunk
+    message = f"for {len(first)} of the 7 sample(s) of the chunk from row 0 (rows {first}"
+    with pytest.raises(SingularJacobianError, match=re.escape(message)):
+        model.log_prob_terms(x, chunk_size=7, on_singular="raise")
+    with pytest.raises(ValueError, match="on_singular must be 'jitter', 'raise' or 'nan'"):
+        model.log_prob(x, on_singular="skip")
 
 
 def test_same_config_builds_the_same_model_and_seed_changes_it():

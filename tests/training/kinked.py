@@ -8,39 +8,25 @@ import math
 import torch
 from torch import Tensor
 
-from rnf_fast.models import FlowConfig, RectangularFlow
+from rnf_fast.models import FlowConfig
+from rnf_fast.testing import FoldedFlow
 
 __all__ = ["Kinked", "per_epoch"]
 
 
-class Kinked(RectangularFlow):
-    """g(z) = f(pad(φ(z))) with φ(z) = z where z_1 > ``threshold`` and (t, t), t = z_1 + 2 z_2,
-    elsewhere (d = 2): there J = J_f [u, 2u] (u = (1, 1) padded) has rank 1, so JᵀJ is singular
-    however the flow f is trained; elsewhere J = J_f on the first two coordinates, full rank.
-    ``threshold = inf`` makes every sample singular.
-
-    The decoder is a plain function (the engine's generic path), and every encoding is kept in
-    ``encoded`` as (training mode, grad enabled, z): the trainer's steps encode with both on,
-    its validation with neither, ActNorm's initialisation with grad off.
-    """
+class Kinked(FoldedFlow):
+    """:class:`rnf_fast.testing.FoldedFlow` that keeps every encoding in ``encoded`` as
+    (training mode, grad enabled, z): the trainer's steps encode with both on, its validation
+    with neither, ActNorm's initialisation with grad off."""
 
     def __init__(self, config: FlowConfig | dict, *, threshold: float = 0.0) -> None:
-        super().__init__(config)
-        self.threshold = threshold
+        super().__init__(config, threshold=threshold)
         self.encoded: list[tuple[bool, bool, Tensor]] = []
 
     def encode(self, x: Tensor) -> Tensor:
         z = super().encode(x)
         self.encoded.append((self.training, torch.is_grad_enabled(), z.detach().clone()))
         return z
-
-    def decode(self, z: Tensor) -> Tensor:
-        t = z[:, :1] + 2.0 * z[:, 1:2]
-        return super().decode(torch.where(z[:, :1] > self.threshold, z, torch.cat([t, t], 1)))
-
-    @property
-    def decoder(self):  # the generic path: no explicit linearization of φ
-        return self.decode
 
     def singular_counts(self) -> tuple[list[int], list[int]]:
         """The singular samples of each training step and of each validation, in call order."""

@@ -135,3 +135,27 @@ def test_a_healthy_loss_is_the_plain_mean_bit_for_bit():
     params = list(model.parameters())
     for got, want in zip(grads(loss, params), grads(plain, params)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -math.inf], ids=["singular", "healthy"])
+def test_validation_is_log_prob_terms_over_the_samples_not_singular(tmp_path, threshold):
+    """The val_ metrics are the means of RectangularFlow.log_prob_terms (exact, chunks of
+    eval_chunk_size) over the samples it does not mark, bit for bit; without singular samples
+    that is the plain mean over all of them."""
+    x = data(80, seed=1, dtype=torch.float64)
+    model = Kinked(CONFIG, threshold=threshold).to(torch.float64)
+    history, _ = fit(model, x, tmp_path, epochs=1, eval_chunk_size=5)
+    record = history.records[-1]  # restore_best=False: the model is the one validated
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=ENGINE)
+        terms = model.eval().log_prob_terms(x[64:], chunk_size=5)
+    kept = ~terms.singular
+    assert record["val_singular"] == int(terms.singular.sum())
+    assert (record["val_singular"] > 0) == (threshold == 0.0)
+    n = int(kept.sum())
+    for key, values in (
+        ("nll", -terms.log_prob),
+        ("recon", terms.sq_error),
+        ("logdet", terms.logdet),
+    ):
+        assert record[f"val_{key}"] == float(values[kept].sum() / n), key
