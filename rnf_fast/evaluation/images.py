@@ -207,7 +207,8 @@ def logit_space_log_prob(model: Any, x: Tensor, *, chunk_size: int = 256) -> Ten
         chunk_size: rows per exact log det.
 
     Returns:
-        (B,) log densities in nats (w.r.t. d-dimensional volume in logit space).
+        (B,) log densities in nats (w.r.t. d-dimensional volume in logit space); NaN where
+        J_logitᵀ J_logit is numerically singular (the engine warns, counting them).
     """
     parts = logit_parts(model)
     if parts is None:
@@ -219,7 +220,8 @@ def logit_space_log_prob(model: Any, x: Tensor, *, chunk_size: int = 256) -> Ten
     out = []
     for chunk in x.split(chunk_size):
         z = model.encode(chunk)
-        out.append(model.latent_log_prob(z) - 0.5 * logdet(decode_logit, z, method="exact"))
+        ld = logdet(decode_logit, z, method="exact", on_singular="nan")
+        out.append(model.latent_log_prob(z) - 0.5 * ld)
     return torch.cat(out)
 
 
@@ -253,16 +255,18 @@ def image_metrics(
         batch_size: rows per model call.
 
     Returns:
-        ``nll_logit`` (mean logit-space NLL, with a logit layer), ``frechet_pixel``,
+        ``nll_logit`` (mean logit-space NLL, with a logit layer, over the samples whose
+        Jacobian is not singular; ``nll_logit_singular`` counts the others), ``frechet_pixel``,
         ``frechet_classifier``, ``nonfinite_samples``; with ``reference_x``:
         ``frechet_pixel_reference``, ``frechet_classifier_reference``; per OOD set NAME:
         ``auroc_nll_NAME`` and ``auroc_recon_NAME`` (out-of-distribution as positives).
     """
     out: dict[str, float] = {}
     if logit_parts(model) is not None:
-        out["nll_logit"] = -float(
-            logit_space_log_prob(model, test_x, chunk_size=batch_size).double().mean()
-        )
+        # Singular samples (NaN) are left out of the mean, as from the pixel-space NLL.
+        log_p = logit_space_log_prob(model, test_x, chunk_size=batch_size).double()
+        out["nll_logit"] = -float(log_p.nanmean())
+        out["nll_logit_singular"] = float(log_p.isnan().sum())
     n = test_x.shape[0] if n_samples is None else n_samples
     with torch.no_grad():
         samples = model.sample(n, generator=torch.Generator().manual_seed(seed))
