@@ -1,10 +1,13 @@
 """The competitors of the benchmarks (harness.baselines): the official code's algorithm and the
-free-form (FIF) surrogate against the float64 dense truth."""
+free-form (FIF) surrogate against the float64 dense truth; the official code's primal+tangent
+pass against ``torch.func.jvp``."""
 
 import pytest
 import torch
-from harness.baselines import logdet_fif, logdet_official_cg
-from harness.problems import pseudo_inverse_encoder
+from harness import baselines
+from harness.baselines import logdet_fif, logdet_official_cg, tangent_pass
+from harness.problems import make_problem, pseudo_inverse_encoder
+from torch import nn
 
 from rnf_fast.testing import SinSoftplusDecoder, dense_logdet, grads, mlp_decoder, rel_error
 
@@ -26,10 +29,95 @@ def _unit_probes(B, d):
     return (d**0.5) * torch.eye(d, dtype=torch.float64).expand(B, d, d)
 
 
-def test_official_converged_matches_exact_gradient():
-    decoder, z, inputs, truth = _problem()
-    B, d = z.shape
-    out = logdet_official_cg(decoder, z, probes=_unit_probes(B, d), tol=1e-12, min_iter=d)
+DECODERS = (
+    "mlp-tanh",
+    "mlp-relu",
+    "mlp-softplus",
+    "mlp-gelu",
+    "softplus-threshold",
+    "sin-softplus",
+    "mlp-sigmoid",
+    "flow",
+    "conv-flow",
+)
+
+
+def _decoder(name):
+    """A float64 decoder of a kind the official contender meets, its d, and the tangent pass
+    it must get: hand-written layers for the MLPs of supported activations (one a Softplus with
+    entries on both sides of its threshold), forward-mode dual tensors for the rest (a non-MLP
+    module, an MLP whose activation has no hand-written rule, a coupling and a conv flow)."""
+    if name.startswith("mlp-") and name != "mlp-sigmoid":
+        decoder = mlp_decoder(3, 10, hidden=(16, 16), activation=name[4:], seed=1)
+        return decoder, 3, "hand-written"
+    if name == "softplus-threshold":
+        decoder = nn.Sequential(nn.Linear(3, 10, dtype=torch.float64), nn.Softplus(2.0, 1.0))
+        with torch.no_grad():
+            decoder[0].weight.mul_(4)  # pre-activations of about ±4: β a crosses 1 both ways
+        return decoder, 3, "hand-written"
+    if name == "sin-softplus":
+        return SinSoftplusDecoder(3, 5, seed=1), 3, "forward_ad"
+    if name == "mlp-sigmoid":
+        return nn.Sequential(nn.Linear(3, 10, dtype=torch.float64), nn.Sigmoid()), 3, "forward_ad"
+    problem = make_problem("quick-flow" if name == "flow" else "quick-image", truth=False)
+    return problem.model.double().decoder, problem.spec.d, "forward_ad"
+
+
+def _functorch_pass(decoder):
+    """The reference primal+tangent pass: ``torch.func.jvp``, what the contender used before
+    it pushed tangents the official code's way."""
+    return lambda z, t: torch.func.jvp(decoder, (z,), (t,))
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_tangent_pass_matches_func_jvp_and_takes_its_route(name, monkeypatch):
+    """Primal and J t equal ``torch.func.jvp``'s to float64 rounding, and the pass is the one
+    the docstring promises (forward-mode dual tensors only where no hand-written rule exists)."""
+    decoder, d, route = _decoder(name)
+    routes = []
+    real = baselines._forward_ad_pass
+    monkeypatch.setattr(baselines, "_forward_ad_pass", lambda f: routes.append(f) or real(f))
+    push = tangent_pass(decoder)
+    assert (routes == [decoder]) == (route == "forward_ad"), routes
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(6, d, generator=g, dtype=torch.float64)
+    t = torch.randn(6, d, generator=g, dtype=torch.float64)
+    x_ref, Jt_ref = torch.func.jvp(decoder, (z,), (t,))
+    with torch.no_grad():
+        x, Jt = push(z, t)
+    assert rel_error(x, x_ref) < 1e-14
+    assert rel_error(Jt, Jt_ref) < 1e-14
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_official_gradient_equals_the_functorch_version(name, monkeypatch):
+    """Same probes, the official rule (tol 1, min(11, d) iterations): the gradient with the
+    official code's tangent pass equals the one with ``torch.func.jvp`` (the contender before)
+    to float64 rounding, through CG and the double backward of the surrogate."""
+    decoder, d, _ = _decoder(name)
+    params = list(decoder.parameters())
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(5, d, generator=g, dtype=torch.float64, requires_grad=True)
+    V = torch.randn(5, 2, d, generator=g, dtype=torch.float64)
+    fair = _flat(logdet_official_cg(decoder, z, probes=V), [*params, z])
+    monkeypatch.setattr(baselines, "tangent_pass", _functorch_pass)
+    ref = _flat(logdet_official_cg(decoder, z, probes=V), [*params, z])
+    assert rel_error(fair, ref) < 1e-13
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_official_converged_matches_exact_gradient(name):
+    """d scaled unit probes and CG to 1e-12: the official estimate is the exact gradient of
+    log det(JᵀJ) (all parameters and z) on every kind of decoder."""
+    decoder, d, _ = _decoder(name)
+    B = 5
+    z = torch.randn(B, d, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    z.requires_grad_(True)
+    inputs = [*decoder.parameters(), z]
+    truth = torch.cat([t.flatten() for t in grads(dense_logdet(decoder, z), inputs)])
+    out = logdet_official_cg(
+        decoder, z, probes=_unit_probes(B, d), tol=1e-12, min_iter=d, max_iter=10 * d
+    )
     assert torch.equal(out.detach(), torch.zeros(B, dtype=torch.float64))
     assert rel_error(_flat(out, inputs), truth) < 1e-10
 

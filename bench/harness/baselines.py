@@ -6,9 +6,11 @@
 - :func:`logdet_jacfwd`: the strongest plain-PyTorch exact path: ``vmap(jacfwd)`` (d tangents),
   ``slogdet(JᵀJ)``, backward.
 - :func:`logdet_official_cg`: the algorithm of the rectangular-flows paper's official code:
-  Hutchinson probes, CG whose every matvec re-runs the decoder twice (a forward-mode JVP and a
-  fresh reverse-mode VJP), a loose batch-level stopping rule, then a differentiable JᵀJε and a
-  double backward.
+  Hutchinson probes, CG whose every matvec is one primal+tangent pass of the decoder
+  (hand-written forward-mode layers for MLPs, as that code has; forward-mode dual tensors for
+  other decoders) followed by ``torch.autograd.functional.vjp`` (a fresh forward and a
+  backward), a loose batch-level stopping rule, then a differentiable JᵀJε and a double
+  backward.
 - :func:`logdet_fif`: the free-form injective flow surrogate (Sorrenson et al., ICLR 2024): an
   encoder stands in for the decoder's pseudo-inverse; one decoder JVP and one encoder VJP per
   probe, no CG. Biased unless the encoder's Jacobian is the pseudo-inverse of the decoder's.
@@ -22,8 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
 from torch.func import jacfwd, jacrev, vmap
+from torch.nn import functional as F
 
 from rnf_fast.testing import slogdet_gram
 
@@ -32,6 +36,7 @@ __all__ = [
     "logdet_jacfwd",
     "logdet_jacrev",
     "logdet_official_cg",
+    "tangent_pass",
 ]
 
 
@@ -80,14 +85,97 @@ def _probe_matrix(probes: int | Tensor, z: Tensor, generator: torch.Generator | 
     return torch.randn(B, probes, d, generator=generator, dtype=z.dtype, device=z.device)
 
 
-def _official_gram_mv(decoder: Callable[[Tensor], Tensor], z: Tensor, V: Tensor) -> Tensor:
-    """JᵀJ V the official way, no graph kept: a forward-mode JVP that recomputes the primal
-    with the tangent, then a fresh forward and a reverse-mode VJP of J V."""
+TangentPass = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""(z (N, d), t (N, d)) -> (decoder(z) (N, D), J t (N, D)): the primal and one tangent per row,
+in one pass."""
+
+
+def _gelu_slope(layer: nn.GELU, a: Tensor, y: Tensor) -> Tensor:
+    # GELU(a) = a Φ(a), slope Φ(a) + a φ(a).
+    cdf = 0.5 * (1 + torch.erf(a * 0.5**0.5))
+    pdf = torch.exp(-0.5 * a * a) * (2 * torch.pi) ** -0.5
+    return cdf + a * pdf
+
+
+def _softplus_slope(layer: nn.Softplus, a: Tensor, y: Tensor) -> Tensor:
+    # Above its threshold softplus is the identity: slope 1 there, sigmoid(β a) below.
+    ba = layer.beta * a
+    return torch.where(ba > layer.threshold, torch.ones_like(a), torch.sigmoid(ba))
+
+
+_SLOPES: dict[type, Callable[[nn.Module, Tensor, Tensor], Tensor]] = {
+    nn.Tanh: lambda layer, a, y: 1 - y * y,
+    nn.ReLU: lambda layer, a, y: (a > 0).to(y.dtype),
+    nn.Softplus: _softplus_slope,
+    nn.GELU: _gelu_slope,
+}
+"""σ'(a) of the elementwise activations from the input a and the output y = σ(a)."""
+
+
+def _layer_pass(layer: nn.Module) -> TangentPass | None:
+    """The hand-written primal+tangent rule of one layer, None where there is none."""
+    if type(layer) is nn.Linear:
+        return lambda a, t: (layer(a), F.linear(t, layer.weight))
+    slope = _SLOPES.get(type(layer))
+    if slope is None or (type(layer) is nn.GELU and layer.approximate != "none"):
+        return None
+
+    def rule(a: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        y = layer(a)
+        return y, slope(layer, a, y) * t
+
+    return rule
+
+
+def _forward_ad_pass(decoder: Callable[[Tensor], Tensor]) -> TangentPass:
+    def push(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        with fwAD.dual_level():
+            x, Jt = fwAD.unpack_dual(decoder(fwAD.make_dual(z, t)))
+        return x, Jt
+
+    return push
+
+
+def tangent_pass(decoder: Callable[[Tensor], Tensor]) -> TangentPass:
+    """The decoder's primal and its J t in one pass, the way the official code pushes tangents.
+
+    An ``nn.Sequential`` of ``Linear`` and elementwise activations (Tanh, ReLU, Softplus, exact
+    GELU) gets hand-written forward-mode layers like the official code's: a Linear maps
+    (a, t) to (W a + b, W t), an activation to (σ(a), σ'(a) t) with σ' from what the layer
+    has at hand (tanh: 1 - σ(a)², relu: [a > 0], softplus: sigmoid(β a), GELU: Φ(a) + a φ(a)).
+    Any other decoder (the rectangular flows' couplings, convolutions and norms, custom
+    modules) runs once on ``torch.autograd.forward_ad`` dual tensors: one primal+tangent pass
+    with PyTorch's own tangent rules, no functorch transform, the closest generic equivalent of
+    hand-written layers. Both record a graph when grad is enabled (the tangent then depends
+    differentiably on the parameters and on z).
+
+    Arguments:
+        decoder: callable mapping (N, d) to (N, D), rows independent.
+
+    Returns:
+        A callable (z (N, d), t (N, d)) -> (decoder(z) (N, D), J t (N, D)), one tangent per row.
+    """
+    if isinstance(decoder, nn.Sequential):
+        rules = [_layer_pass(layer) for layer in decoder]
+        if all(rule is not None for rule in rules):
+
+            def push(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+                for rule in rules:
+                    z, t = rule(z, t)
+                return z, t
+
+            return push
+    return _forward_ad_pass(decoder)
+
+
+def _official_gram_mv(
+    decoder: Callable[[Tensor], Tensor], push: TangentPass, z: Tensor, P: Tensor
+) -> Tensor:
+    """JᵀJ P the official way, no graph kept: one primal+tangent pass for J P, then
+    ``torch.autograd.functional.vjp`` (a fresh forward and a backward) for Jᵀ(J P)."""
     with torch.no_grad():
-        JV = torch.func.jvp(decoder, (z,), (V,))[1]
-    with torch.enable_grad():
-        zz = z.detach().requires_grad_(True)
-        return torch.autograd.grad(decoder(zz), zz, JV)[0]
+        JP = push(z, P)[1]
+    return torch.autograd.functional.vjp(decoder, z, JP)[1]
 
 
 def logdet_official_cg(
@@ -104,12 +192,16 @@ def logdet_official_cg(
     """The gradient of log det(JᵀJ) as the official rectangular-flows code estimates it.
 
     K probes ε per sample (standard Gaussian unless given); u = (JᵀJ)⁻¹ε by CG from a zero
-    initial guess on all B·K systems at once, each matvec JᵀJ p being a ``torch.func.jvp`` that
-    recomputes the primal followed by a fresh forward and ``torch.autograd.grad`` (no state is
-    reused between matvecs). CG stops when the batch-mean relative residual ‖r‖/‖ε‖ is below
-    ``tol`` after at least min(``min_iter``, d) iterations, and after d at most (``max_iter``).
-    Then a differentiable JᵀJε is built (a JVP and a VJP with ``create_graph``) and dotted with
-    the detached u, averaged over the K probes; its backward is a double backward. With
+    initial guess on all B·K systems at once. Each matvec JᵀJ p is what the official code
+    runs: one no-grad primal+tangent pass for J p (:func:`tangent_pass`: hand-written
+    forward-mode layers for an MLP, ``torch.autograd.forward_ad`` dual tensors for any other
+    decoder), then ``torch.autograd.functional.vjp`` for Jᵀ(J p), a fresh forward and a
+    backward; no state is reused between matvecs. CG stops when the batch-mean relative
+    residual ‖r‖/‖ε‖ is below ``tol`` after at least min(``min_iter``, d) iterations, and after
+    d at most (``max_iter``). Then a differentiable JᵀJε is built (a primal+tangent pass with
+    graph, and a VJP of its primal output with ``create_graph``: one forward fewer than the
+    official code, whose ``vjp`` runs its own) and dotted with the detached u, averaged over
+    the K probes; its backward is a double backward. With
     A = JᵀJ and E[ε εᵀ] = I, E[uᵀ (∂A) ε] = E[εᵀ A⁻¹ (∂A) ε] = tr(A⁻¹ ∂A) = ∂ log det A: the
     gradient is unbiased up to the CG error (which tol = 1 leaves large).
 
@@ -123,7 +215,8 @@ def logdet_official_cg(
         max_iter: iteration cap, default d.
         generator: source of the Gaussian probes.
         return_info: also return ``{"matvecs": ..., "cg_iterations": ...}`` (equal here: one
-            JᵀJ product per iteration, each costing three passes of the decoder).
+            JᵀJ product per iteration, each costing a primal+tangent pass, a forward and a
+            backward of the decoder).
 
     Returns:
         (B,) zeros carrying the gradient estimate (no log det value is computed), with the
@@ -143,10 +236,11 @@ def logdet_official_cg(
     rr = (r * r).sum(1)
     tiny = torch.finfo(b.dtype).tiny
     bnorm = b.norm(dim=1).clamp_min(tiny)
+    push = tangent_pass(decoder)
     iterations = 0
     for it in range(cap):
         iterations = it + 1
-        Ap = _official_gram_mv(decoder, zr, p)
+        Ap = _official_gram_mv(decoder, push, zr, p)
         pAp = (p * Ap).sum(1)
         # A system solved exactly (r = p = 0) stays put instead of dividing 0 by 0.
         alpha = torch.where(pAp > 0, rr / pAp.clamp_min(tiny), torch.zeros_like(pAp))
@@ -159,7 +253,7 @@ def logdet_official_cg(
         rr = rr_new
     zg = z if z.requires_grad else z.detach().requires_grad_(True)
     zk = zg.repeat_interleave(K, dim=0)
-    out, JV = torch.func.jvp(decoder, (zk,), (b,))
+    out, JV = push(zk, b)
     JTJV = torch.autograd.grad(out, zk, JV, create_graph=True)[0]
     S = (x.detach() * JTJV).sum(1).view(B, K).mean(1)
     out = S - S.detach()
