@@ -18,6 +18,8 @@ module             holds
 ``cg``             batched conjugate gradients with Lanczos bookkeeping
 ``probes``         :func:`make_probes`
 ``precondition``   split preconditioners M = L Lᵀ of JᵀJ
+``precision``      the mixed-precision rule: the decoder's products under the caller's
+                   autocast, the engine's arithmetic outside it in float32 or float64
 =================  ===========================================================================
 
 Layer: above :mod:`rnf_fast.linearize` (the decoder's J v, Jᵀ w) and :mod:`rnf_fast.ops` (the

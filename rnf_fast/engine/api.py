@@ -34,6 +34,7 @@ from .checks import (
 from .estimator import Context, Estimate
 from .exact import ExactInfo, estimate_exact
 from .options import DEFAULT_CG_TOL, Method, ResolvedOptions, resolve_options
+from .precision import CallerAutocast, accumulate_dtype, engine_region
 from .probes import ProbeKind
 from .stochastic import CGInfo, estimate_cg
 
@@ -63,7 +64,7 @@ class LogdetInfo:
         linalg_dtype: dtype of JᵀJ, the Cholesky factor and the CG state.
         probes: K (d for the exact path).
         singular: (B,) samples whose JᵀJ is numerically singular: J rank deficient to the
-            precision of the decoder's dtype (see ``on_singular`` of :func:`logdet_grad`). Their
+            precision of the decoder's products (see ``on_singular`` of :func:`logdet_grad`). Their
             value is NaN, except under ``on_singular="jitter"`` where those that factor keep
             theirs.
         value_available: False when the returned value is not an estimate of log det A (it is
@@ -138,11 +139,16 @@ def _estimate(
 ) -> tuple[Tensor, LogdetInfo]:
     """The linearization, the method choice and the estimator of :func:`_run`."""
     B, d = z.shape
+    # The decoder's products run under the caller's autocast (if any); the engine's own
+    # arithmetic (Gram, Cholesky, CG, SLQ, the surrogate's sums) never does: see .precision.
+    caller = CallerAutocast.capture(z.device.type)
     # The linearizations' matvec ops follow the resolved backend: the Triton kernels run only
     # under "triton"; "torch" and "cpp" mean no Triton anywhere in the call.
-    with use_backend(backend_name):
-        lin = linearize(decoder, z, batching=batching)
-        path = getattr(lin, "path", "generic")
+    with use_backend(backend_name), engine_region(z.device.type):
+        with caller.active():
+            inner = linearize(decoder, z, batching=batching)
+        lin = caller.wrap(inner)
+        path = getattr(inner, "path", "generic")
         chosen = options.method
         if chosen == "auto":
             chosen = choose_method(d, options.cg.K, path=path)
@@ -156,6 +162,7 @@ def _estimate(
             need_grad=torch.is_grad_enabled(),
             on_singular=on_singular,
             batching=batching,
+            autocast=caller.applies_to(z.dtype),
         )
         part: ExactInfo | CGInfo
         estimate: Estimate
@@ -168,8 +175,8 @@ def _estimate(
             path=path,
             backend=backend_name,
             # Read after the estimator: a generic linearization settles its batching on use.
-            batching=getattr(lin, "batching", None) or type(lin).__name__,
-            fallback_reason=getattr(lin, "fallback_reason", None),
+            batching=getattr(inner, "batching", None) or type(inner).__name__,
+            fallback_reason=getattr(inner, "fallback_reason", None),
             linalg_dtype=ldtype,
             probes=d if chosen == "exact" else options.cg.K,
             singular=estimate.singular,
@@ -179,10 +186,11 @@ def _estimate(
             exact=part if chosen == "exact" else None,
             cg=part if chosen == "cg" else None,
         )
-        value = estimate.value.to(z.dtype)
+        value = estimate.value.to(accumulate_dtype(z.dtype))
         S = estimate.surrogate
-        out = value if S is None or not S.requires_grad else value + (S - S.detach())
-        return out, info
+        if S is None or not S.requires_grad:
+            return value, info
+        return value + (S - S.detach()).to(value.dtype), info
 
 
 def _eager_only(fn: Callable) -> Callable:
@@ -240,6 +248,23 @@ def logdet_grad(
     Runs eagerly: under ``torch.compile`` this function is excluded from compilation
     (``torch.compiler.disable``), so a compiled caller gets the same values and gradients.
 
+    Precision (bf16/fp16 decoders, ``torch.autocast``): the decoder runs as the caller runs it,
+    in its own dtype and under the caller's autocast if one is active, so J v and Jᵀ w come in
+    its compute dtype (bf16 for ``decoder.to(torch.bfloat16)``, or for a float32 decoder's GEMMs
+    under ``torch.autocast(..., dtype=torch.bfloat16)``). Everything computed from them runs with
+    autocast switched off and never in 16 bits: JᵀJ, its Cholesky factor, the CG state and the
+    Lanczos value in ``linalg_dtype``; A⁻¹Jᵀ and the surrogate's sums in float32 at least
+    (16-bit tangents are cast up in blocks before any reduction; CG directions enter 16-bit
+    products at unit scale, so fp16's range does not truncate them). The value is float32 for a
+    bf16 or fp16 z, else z's dtype; gradients reach z and the parameters in their own dtypes.
+    The error is then that of J's rounding: within 2γ u κ_F(J) of the float64 truth per sample,
+    u the unit roundoff (2⁻⁸ bf16, 2⁻¹¹ fp16), γ the 16-bit roundings on a tangent's path
+    (about two per layer), κ_F(J) = ‖J‖_F ‖J⁺‖_F; the gradient's relative error likewise
+    (``tests/test_mixed_precision.py``: measured at most 2.3 u κ_F against bounds of 8 and 16).
+    16-bit products lose CG's orthogonality: an ill-conditioned system may need more than d
+    iterations to meet ``tol`` (it stops at ``max_iter`` with a warning). See
+    :mod:`rnf_fast.engine.precision`.
+
     Arguments:
         decoder: differentiable callable (function or ``nn.Module``) mapping (B, d) to a (B, D)
             tensor, d < D, rows independent and deterministic. A module with a layer that is
@@ -261,19 +286,23 @@ def logdet_grad(
         backend: backend of the small ops (:func:`rnf_fast.available_backends`); default: the
             ``use_backend`` setting, else the fastest available for z's device. The Triton
             matvec kernels of the linearizations run only when it resolves to ``"triton"``.
-        linalg_dtype: dtype of JᵀJ, Cholesky and CG scalars; default float64 when z is a
-            lower precision (cond(JᵀJ) = cond(J)², so float32 Cholesky fails first).
+        linalg_dtype: dtype of JᵀJ, Cholesky, the CG state and the Lanczos value:
+            ``torch.float32`` or ``torch.float64`` (a 16-bit type is a ``ValueError``); default
+            float64 when z is a lower precision (cond(JᵀJ) = cond(J)², so float32 Cholesky
+            fails first).
         batching: tangent batching of the generic path: ``"auto"``, ``"vmap"`` or
             ``"repeat"`` (for decoders vmap cannot handle; see
             :class:`rnf_fast.FuncLinearization`).
         on_singular: what to do where JᵀJ is numerically singular: J rank deficient to the
-            precision of the decoder's dtype (float32 for a float32 decoder, although A is
-            factored in float64). The exact path flags a sample whose Cholesky fails, needs
-            jitter, or has a scaled pivot l_i²/A_ii below max((100 eps_J)², 100 eps_A)
-            (:func:`~rnf_fast.engine.checks.pivot_floor`: only κ(J) > 8.4e4 in float32 can be
-            flagged); CG flags a breakdown or a Ritz ratio θ_min/θ_max below 3 eps of the
-            products' dtype (:func:`~rnf_fast.engine.checks.ritz_floor`: κ(J) > 1.7e3 in
-            float32).
+            precision of the decoder's products (float32 for a float32 decoder, although A is
+            factored in float64; bf16 for a bf16 decoder or under a bf16 autocast). The exact
+            path flags a sample whose Cholesky fails, needs jitter, or has a scaled pivot
+            l_i²/A_ii below max((c eps_J)², 100 eps_A), c = 100 (10 for 16-bit products)
+            (:func:`~rnf_fast.engine.checks.pivot_floor`: only κ(J) > 8.4e4 in float32, 12.8 in
+            bf16, can be flagged); CG flags a breakdown or a Ritz ratio θ_min/θ_max below 3 eps
+            of the products' dtype ((10 eps)² for 16-bit products;
+            :func:`~rnf_fast.engine.checks.ritz_floor`: κ(J) > 1.7e3 in float32, 12.8 in bf16,
+            where it is a screen, not a proof).
             ``"jitter"`` (default): one warning per call, counting the samples; the exact path
             retries a failed Cholesky with a bounded jitter (at most 1e3 · eps · tr(A)/d, three
             tries, in ``LogdetInfo.exact.jitter``); samples that still fail, and CG systems that
@@ -299,7 +328,8 @@ def logdet_grad(
     ``ValueError`` naming ``probes`` and the size, before anything is allocated.
 
     Returns:
-        (B,) tensor, or ``(tensor, LogdetInfo)`` with ``return_info=True``.
+        (B,) tensor (float32 for a 16-bit z), or ``(tensor, LogdetInfo)`` with
+        ``return_info=True``.
 
     Example:
         >>> import torch, rnf_fast
@@ -316,6 +346,10 @@ def logdet_grad(
         Traceback (most recent call last):
         ...
         ValueError: chunk_size applies to method='exact' (or 'auto') only, got method='cg'
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 GEMMs, float64 Cholesky
+        ...     ld = rnf_fast.logdet_grad(dec, z, "exact")
+        >>> ld.dtype, rnf_fast.logdet_grad(dec.to(torch.bfloat16), z.bfloat16()).dtype
+        (torch.float32, torch.float32)
     """
     flat = {
         "chunk_size": chunk_size,

@@ -22,10 +22,12 @@ from .options import CG
 from .precondition import check_preconditioner
 
 __all__ = [
+    "LINALG_DTYPES",
     "MEMORY_SHARE",
     "NONDETERMINISTIC_LAYERS",
     "OnSingular",
     "SINGULAR_C",
+    "SINGULAR_C_16BIT",
     "SingularJacobianError",
     "available_memory",
     "check_cg_against",
@@ -41,6 +43,7 @@ __all__ = [
     "pivot_floor",
     "report_singular",
     "ritz_floor",
+    "singular_c",
     "warn_at_caller",
 ]
 
@@ -85,27 +88,62 @@ that order (every seed of the rank-deficient tests is flagged at c = 2 and 3), w
 problems stay far above it (>= 1e-3 on the benchmark suite's MLP at d = 128 and MNIST-sized
 flow; 1e-6 for κ(J) = 1e3, not flagged). A flagged system has κ(A) > 2.8e6 in float32
 (κ(J) > 1.7e3). CG cannot resolve what exact can (exact flags from κ(J) > 8.4e4: it forms A
-in float64)."""
+in float64).
+
+Products in a 16-bit type use another floor, (:data:`SINGULAR_C_16BIT` · eps)²: see
+:func:`ritz_floor`."""
+
+
+SINGULAR_C_16BIT = 10.0
+""":data:`SINGULAR_C` for a J whose products run in a 16-bit type (a bf16 or fp16 decoder, or a
+float32 one under a 16-bit autocast). A 16-bit GEMM accumulates in float32 and rounds once, so
+rounding moves J's directions less, in units of its eps, than float32's chains of roundings: over
+50 seeds of the same rank-deficient decoders, the largest l_i / ‖J e_i‖ was 1.8 eps_J in bf16,
+fp16 and bf16 autocast alike. But eps_bf16 = 2⁻⁷ is large: c = 100 flags every pivot angle
+below 51° (κ(J) > 1.3), and the smallest pivot of a healthy 3-32-8 tanh MLP over those seeds
+was 21.5 eps_bf16 (0.17). c = 10 sits a factor 5.5 above the first and 2 below the second: a
+flagged sample has κ(J) > 1 / (10 eps_J) = 12.8 in bf16 (102 in fp16), where rounding alone
+moves σ_min(J) by up to 18%."""
+
+
+def singular_c(dtype: torch.dtype) -> float:
+    """:data:`SINGULAR_C_16BIT` for a 16-bit dtype, else :data:`SINGULAR_C`."""
+    return SINGULAR_C_16BIT if torch.finfo(dtype).bits == 16 else SINGULAR_C
 
 
 def pivot_floor(jacobian_dtype: torch.dtype, linalg_dtype: torch.dtype) -> float:
     """The floor of the scaled Cholesky pivots ρ_i = l_i² / A_ii below which a sample is
-    numerically singular: max((c · eps_J)², c · eps_A), c = :data:`SINGULAR_C`.
+    numerically singular: max((c_J · eps_J)², c · eps_A), c = :data:`SINGULAR_C`, c_J =
+    :func:`singular_c` of ``jacobian_dtype`` (the precision of J's products).
 
     ρ_i is the squared sine of the angle between column i of J and the span of the columns
     before it (scale-free per column), and ρ_i >= λ_min(A) / λ_max(A): a flagged sample has
-    κ(J) > 1 / max(c · eps_J, √(c · eps_A)), so no well-conditioned sample is ever flagged."""
+    κ(J) > 1 / max(c_J · eps_J, √(c · eps_A)), so no well-conditioned sample is ever flagged."""
     eps_j = torch.finfo(jacobian_dtype).eps
     eps_a = torch.finfo(linalg_dtype).eps
-    return max((SINGULAR_C * eps_j) ** 2, SINGULAR_C * eps_a)
+    return max((singular_c(jacobian_dtype) * eps_j) ** 2, SINGULAR_C * eps_a)
 
 
 def ritz_floor(matvec_dtype: torch.dtype) -> float:
     """The floor of θ_min / θ_max, the ratio of the extreme Lanczos (Ritz) values of CG, below
     which a system is numerically singular: c · eps of the dtype the products Jᵀ(J p) are computed
     in (their rounding is about eps · ‖A‖ ‖p‖), c = :data:`RITZ_C`. Ritz values lie inside
-    A's spectrum, so a flagged system has κ(A) > 1 / (c · eps)."""
-    return RITZ_C * torch.finfo(matvec_dtype).eps
+    A's spectrum, so a flagged system has κ(A) > 1 / (c · eps).
+
+    For 16-bit products (a bf16 or fp16 decoder, or a 16-bit autocast) the floor is
+    (c₁₆ · eps)², c₁₆ = :data:`SINGULAR_C_16BIT`, the exact path's floor on J's angles: the
+    rounding of Ĵᵀ(Ĵ p) perturbs A by JᵀE + E'ᵀJ, which moves λ_min by about 2 σ_min ‖E‖, so
+    the products resolve λ_min / λ_max down to about (γ u)², not u. c · eps would flag κ(A) > 43
+    in bf16 (κ(J) > 6.5, well-conditioned samples); this floor flags κ(J) > 12.8 (bf16), 102
+    (fp16). At 16 bits it is a screen, not a proof: at the default K = 1 and tol 1e-2, over 20
+    seeds of 16 samples it flagged every sample of the rank-1 linear decoder, 303 to 306 of the
+    320 of the rank-deficient 3-layer MLP (bf16, fp16, bf16 autocast) and none of the healthy
+    3-32-8 MLP; the rank-deficient and healthy ratios overlap at 16 bits (0.6 to 4.8 eps in
+    bf16), so no floor separates them all. The exact method, whose floor is set on J, does."""
+    eps = torch.finfo(matvec_dtype).eps
+    if torch.finfo(matvec_dtype).bits == 16:
+        return (SINGULAR_C_16BIT * eps) ** 2
+    return RITZ_C * eps
 
 
 def report_singular(
@@ -333,12 +371,20 @@ def check_on_singular(on_singular: object) -> None:
         raise ValueError(f"on_singular must be 'jitter', 'raise' or 'nan', got {on_singular!r}")
 
 
+LINALG_DTYPES = (torch.float32, torch.float64)
+"""The dtypes JᵀJ, its Cholesky factor and the CG state may take: never a 16-bit type, where
+cond(JᵀJ) = cond(J)² would exhaust bf16's 8 bits at cond(J) = 16."""
+
+
 def linalg_dtype_for(z: Tensor, linalg_dtype: object) -> torch.dtype:
-    """The dtype of JᵀJ, its factor and the CG state: the given one, else float64 for a lower
-    precision z (cond(JᵀJ) = cond(J)², so a float32 Cholesky fails first), else z's dtype."""
+    """The dtype of JᵀJ, its factor and the CG state: the given one (float32 or float64), else
+    float64 for a lower precision z (cond(JᵀJ) = cond(J)², so a float32 Cholesky fails first),
+    else z's dtype."""
     if linalg_dtype is not None:
-        if not isinstance(linalg_dtype, torch.dtype) or not linalg_dtype.is_floating_point:
-            raise ValueError(f"linalg_dtype must be a floating torch.dtype, got {linalg_dtype!r}")
+        if linalg_dtype not in LINALG_DTYPES:
+            raise ValueError(
+                f"linalg_dtype must be torch.float32 or torch.float64, got {linalg_dtype!r}"
+            )
         return linalg_dtype
     return torch.float64 if z.dtype in (torch.float32, torch.float16, torch.bfloat16) else z.dtype
 
@@ -372,8 +418,9 @@ def check_cg_against(cg: CG, z: Tensor) -> None:
             raise ValueError("x0 contains NaN or Inf")
 
 
-def check_output_shape(out: Tensor, z: Tensor) -> None:
-    """Shapes, dtype and device of the decoder's output: no host synchronisation."""
+def check_output_shape(out: Tensor, z: Tensor, autocast: torch.dtype | None = None) -> None:
+    """Shapes, dtype and device of the decoder's output: no host synchronisation. The output
+    is in z's dtype, or in ``autocast`` (the caller's autocast dtype, where it applies)."""
     B, d = z.shape
     if not isinstance(out, Tensor):
         raise TypeError(f"decoder must return a (B, D) tensor, got {type(out).__name__}")
@@ -381,16 +428,17 @@ def check_output_shape(out: Tensor, z: Tensor) -> None:
         raise ValueError(f"decoder output must be (B, D) = ({B}, D), got {tuple(out.shape)}")
     if out.shape[1] <= d:
         raise ValueError(f"decoder must map d={d} to D > d dimensions, got D={out.shape[1]}")
-    if out.dtype != z.dtype or out.device != z.device:
+    if out.dtype not in (z.dtype, autocast) or out.device != z.device:
+        under = "" if autocast is None else f" (or {autocast} under autocast)"
         raise ValueError(
-            f"decoder output is {out.dtype} on {out.device} but z is {z.dtype} on {z.device}"
+            f"decoder output is {out.dtype} on {out.device} but z is {z.dtype}{under} on {z.device}"
         )
 
 
-def check_output(out: Tensor, z: Tensor) -> None:
+def check_output(out: Tensor, z: Tensor, autocast: torch.dtype | None = None) -> None:
     """:func:`check_output_shape`, and that the output is finite (a host synchronisation)."""
     B = z.shape[0]
-    check_output_shape(out, z)
+    check_output_shape(out, z, autocast)
     if not bool(torch.isfinite(out).all()):
         bad = int((~torch.isfinite(out)).any(1).sum())
         raise ValueError(f"decoder output contains NaN or Inf in {bad} of {B} samples")

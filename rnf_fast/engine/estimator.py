@@ -20,6 +20,7 @@ from torch import Tensor
 from ..linearize.base import Batching, Linearization
 from ..ops.dispatch import Backend
 from .checks import OnSingular
+from .precision import accumulate_dtype, lowest_precision
 
 __all__ = ["Context", "Estimate", "tangent_inner"]
 
@@ -38,6 +39,8 @@ class Context:
         need_grad: build the surrogate (False under ``torch.no_grad()``).
         on_singular: ``"jitter"``, ``"raise"`` or ``"nan"``.
         batching: the tangent batching asked of a generic linearization.
+        autocast: the dtype of the caller's autocast where it applies to the decoder's
+            products (:meth:`~.precision.CallerAutocast.applies_to`), else None.
     """
 
     decoder: Callable[[Tensor], Tensor]
@@ -49,6 +52,12 @@ class Context:
     need_grad: bool
     on_singular: OnSingular
     batching: Batching
+    autocast: torch.dtype | None = None
+
+    def precision(self, *dtypes: torch.dtype) -> torch.dtype:
+        """The precision of the decoder's products: the least precise of z's dtype,
+        ``dtypes`` (those of the products seen) and the caller's autocast dtype."""
+        return lowest_precision(self.z.dtype, *dtypes, self.autocast)
 
 
 @dataclass(frozen=True)
@@ -70,5 +79,9 @@ class Estimate:
 
 
 def tangent_inner(lin: Linearization, V: Tensor, W: Tensor) -> Tensor:
-    """Σ_k ⟨w_k, J v_k⟩ per sample, differentiable through J: V (B, K, d), W (B, K, D) -> (B,)."""
-    return (W * lin.jvp(V, create_graph=True)).sum((1, 2))
+    """Σ_k ⟨w_k, J v_k⟩ per sample, differentiable through J: V (B, K, d), W (B, K, D) -> (B,).
+
+    The products are in the more precise of W's and J v's dtypes, summed in float32 at least
+    (:func:`~.precision.accumulate_dtype`)."""
+    WJV = W * lin.jvp(V, create_graph=True)
+    return WJV.sum((1, 2), dtype=accumulate_dtype(WJV.dtype))

@@ -24,6 +24,7 @@ from .checks import (
 )
 from .estimator import Context, Estimate, tangent_inner
 from .options import Exact
+from .precision import accumulate_dtype
 
 __all__ = ["ExactInfo", "estimate_exact"]
 
@@ -44,14 +45,32 @@ class ExactInfo:
     chunk_size: int
 
 
-def _gram(ops: Backend, JT: Tensor, ldtype: torch.dtype, block: int = 256) -> Tensor:
-    """A = JᵀJ in ``ldtype`` from JT (B, d, D), casting blocks of D at a time so no full
-    higher-precision copy of J is held (it would be the largest buffer of the exact path)."""
+_BLOCK = 256
+"""Columns of D cast up at a time: no full higher-precision copy of J is held (it would be the
+largest buffer of the exact path)."""
+
+
+def _gram(ops: Backend, JT: Tensor, ldtype: torch.dtype) -> Tensor:
+    """A = JᵀJ in ``ldtype`` from JT (B, d, D), casting blocks of D at a time."""
     if JT.dtype == ldtype:
         return ops.gram(JT.transpose(1, 2))
     return sum(
-        ops.gram(JT[:, :, s : s + block].transpose(1, 2).to(ldtype))
-        for s in range(0, JT.shape[2], block)
+        ops.gram(JT[:, :, s : s + _BLOCK].transpose(1, 2).to(ldtype))
+        for s in range(0, JT.shape[2], _BLOCK)
+    )
+
+
+def _solve_rows(inv_A: Tensor, JT: Tensor) -> Tensor:
+    """A⁻¹Jᵀ (B, d, D) in JT's dtype from A⁻¹ (B, d, d) in float32 or above: a 16-bit JT is
+    cast up block by block and each product rounded once to 16 bits."""
+    if JT.dtype == inv_A.dtype:
+        return inv_A @ JT
+    return torch.cat(
+        [
+            (inv_A @ JT[:, :, s : s + _BLOCK].to(inv_A.dtype)).to(JT.dtype)
+            for s in range(0, JT.shape[2], _BLOCK)
+        ],
+        dim=2,
     )
 
 
@@ -122,14 +141,17 @@ def estimate_exact(options: Exact, ctx: Context) -> tuple[Estimate, ExactInfo]:
     factored = callable(gram) and options.chunk_size is None
     A_graph = gram(create_graph=ctx.need_grad) if factored else None
     if A_graph is not None:
-        check_output(lin.out, z)
+        check_output(lin.out, z, ctx.autocast)
         L, value, jitter, singular, failed = _factor(
-            ops, A_graph.detach().to(ctx.linalg_dtype), ctx.on_singular, z.dtype
+            ops,
+            A_graph.detach().to(ctx.linalg_dtype),
+            ctx.on_singular,
+            ctx.precision(lin.out.dtype),
         )
         info = ExactInfo(gram="factored", jitter=jitter, chunk_size=d)
         S = None
         if ctx.need_grad:
-            S = (_inverse_gram(ops, L, failed, z.dtype) * A_graph).sum((1, 2))
+            S = (_inverse_gram(ops, L, failed, A_graph.dtype) * A_graph).sum((1, 2))
         return Estimate(value, S, singular), info
     basis = torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)  # row k is e_k
     starts = range(0, d, chunk)
@@ -137,18 +159,21 @@ def estimate_exact(options: Exact, ctx: Context) -> tuple[Estimate, ExactInfo]:
         JT = lin.jvp(basis, create_graph=True)  # (B, d, D): JT[:, k] = J e_k
     else:
         JT = torch.cat([lin.jvp(basis[:, s : s + chunk]) for s in starts], dim=1)
-    check_output(lin.out, z)
+    check_output(lin.out, z, ctx.autocast)
+    precision = ctx.precision(lin.out.dtype, JT.dtype)
     L, value, jitter, singular, failed = _factor(
-        ops, _gram(ops, JT.detach(), ctx.linalg_dtype), ctx.on_singular, z.dtype
+        ops, _gram(ops, JT.detach(), ctx.linalg_dtype), ctx.on_singular, precision
     )
     info = ExactInfo(gram="tangents", jitter=jitter, chunk_size=chunk)
     if not ctx.need_grad:
         return Estimate(value, None, singular), info
     # Rows of A⁻¹Jᵀ are the columns of J A⁻¹ (A symmetric), the detached half of S. A d×d
-    # inverse then one GEMM in the model's dtype is ~2.5x cheaper than a (d, D) triangular solve.
-    inv_A_JT = _inverse_gram(ops, L, failed, z.dtype) @ JT.detach()
+    # inverse then one GEMM in the model's dtype is ~2.5x cheaper than a (d, D) triangular solve
+    # (in float32 for a 16-bit J, rounded once to its dtype).
+    acc = accumulate_dtype(JT.dtype)
+    inv_A_JT = _solve_rows(_inverse_gram(ops, L, failed, acc), JT.detach())
     if chunk == d:
-        S = 2.0 * (inv_A_JT * JT).sum((1, 2))
+        S = 2.0 * (inv_A_JT * JT).sum((1, 2), dtype=acc)
     else:
         # Each chunk's graph is rebuilt inside backward: peak memory scales with chunk_size.
         S = 2.0 * sum(

@@ -30,6 +30,7 @@ from .checks import (
 )
 from .estimator import Context, Estimate, tangent_inner
 from .options import CG
+from .precision import lowest_precision
 from .precondition import Preconditioner, build_preconditioner
 from .probes import make_probes
 
@@ -72,12 +73,27 @@ class _SplitGramProduct:
     J u_k is accumulated from the J L⁻ᵀ p of each product (J u_{j+1} = J u_j + α_j J L⁻ᵀ p_j,
     :meth:`step`). A linearization with ``gram_mv_hidden`` keeps its products in a narrower space
     H (J = W M, returning M p): then M u is accumulated and lifted to J u once at the end.
+
+    Products in a 16-bit precision (a 16-bit z, or 16-bit autocast) take each direction at unit
+    max-norm and scale the results back: CG's late directions are small and fp16's smallest
+    normal number is 6e-5. Without it, fp16 decoders run to 3d iterations with full probes
+    (tol 0) had products underflow to zero, a breakdown and a NaN value; with it their values
+    stayed within 1.4 u κ_F(J) of the float64 truth.
     """
 
     def __init__(
-        self, lin: Linearization, z: Tensor, prec: Preconditioner | None, K: int, dtype: torch.dtype
+        self,
+        lin: Linearization,
+        z: Tensor,
+        prec: Preconditioner | None,
+        K: int,
+        dtype: torch.dtype,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.lin, self.z, self.prec, self.K, self.dtype = lin, z, prec, K, dtype
+        self.autocast = autocast
+        self.rescale = torch.finfo(lowest_precision(z.dtype, autocast)).bits == 16
+        self.last_scale: Tensor | None = None
         self.hidden: Callable[[Tensor], tuple[Tensor, Tensor] | None] | None = getattr(
             lin, "gram_mv_hidden", None
         )
@@ -91,6 +107,10 @@ class _SplitGramProduct:
         Q = P.view(B, self.K, d)
         if self.prec is not None:
             Q = self.prec.solve_LT(Q)
+        scale = None
+        if self.rescale:
+            scale = Q.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(Q.dtype).tiny)
+            Q = Q / scale
         Q = Q.to(self.z.dtype)
         first = self.last_image is None
         pair = None
@@ -102,19 +122,23 @@ class _SplitGramProduct:
             self.lifted = True
         image, AQ = pair
         if first:
-            check_output_shape(self.lin.out, self.z)
+            check_output_shape(self.lin.out, self.z, self.autocast)
             self.first_image_zero = (image == 0).all()
-        self.last_image = image
-        AQ = AQ.to(self.dtype)
+        self.last_image, self.last_scale = image, scale
+        AQ = AQ.to(self.dtype) if scale is None else AQ.to(self.dtype) * scale
         return (AQ if self.prec is None else self.prec.solve_L(AQ)).reshape(B * self.K, d)
 
     def step(self, alpha: Tensor) -> None:
         """Follow the iterate's step x += α p in the image: J u += α (J L⁻ᵀ p)."""
         B = self.z.shape[0]
-        self.image = self.image + alpha.view(B, self.K, 1) * self.last_image.to(self.dtype)
+        step = alpha.view(B, self.K, 1)
+        if self.last_scale is not None:
+            step = step * self.last_scale
+        self.image = self.image + step * self.last_image.to(self.dtype)
 
     def solution_image(self) -> Tensor:
-        """J u_k (B, K, D) in z's dtype, detached."""
+        """J u_k (B, K, D), detached: in the linalg dtype accumulated, rounded once to z's dtype
+        (the decoder's, for the lift through its last layer)."""
         image = self.image.to(self.z.dtype)
         return self.lin.lift(image) if self.lifted else image
 
@@ -196,7 +220,7 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
             options.preconditioner, ctx.decoder, lin, z, dtype=ldtype, batching=ctx.batching
         )
     eps = probes.to(ldtype)
-    product = _SplitGramProduct(lin, z, prec, K, ldtype)
+    product = _SplitGramProduct(lin, z, prec, K, ldtype, ctx.autocast)
     y0 = None
     if options.x0 is not None:
         x0 = options.x0.to(ldtype)
@@ -211,8 +235,10 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
         on_step=product.step,
         x0=y0,
     )
-    check_output(lin.out, z)
+    check_output(lin.out, z, ctx.autocast)
     _check_jacobian_nonzero(product, lin, z)
+    # The products' precision: z's dtype, the output's and the caller's autocast dtype.
+    precision = ctx.precision(lin.out.dtype, product.last_image.dtype)
     Y = res.x.view(B, K, d)
     info = CGInfo(
         matvecs=res.matvecs,
@@ -222,7 +248,7 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
         preconditioner=None if prec is None else prec.kind,
         solution=Y if prec is None else prec.solve_LT(Y),
     )
-    broken, other = _singular_systems(res, z.dtype)
+    broken, other = _singular_systems(res, precision)
     reason = None
     if res.warm_start:
         quad = torch.full((B, K), float("nan"), dtype=ldtype, device=z.device)
@@ -235,7 +261,7 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
         broken = (broken.view(B, K) | ~torch.isfinite(quad)).any(1)
     singular = broken | other.view(B, K).any(1)
     nan = singular if ctx.on_singular == "nan" else broken
-    report_singular(singular, ctx.on_singular, "CG", dtype=z.dtype, nan=nan)
+    report_singular(singular, ctx.on_singular, "CG", dtype=precision, nan=nan)
     if not bool((info.converged | singular[:, None]).all()):
         warn_at_caller(
             "CG reached max_iter before the tolerance for some systems; the gradient estimate "

@@ -210,13 +210,25 @@ class _FlatCoupling:
         dtheta = self.parts[0].jvp(T.index_select(2, self.cond))
         dtheta = dtheta.reshape(B, K, *self.dy_dtheta.shape[1:])
         dy_t = coupling_tangent(T.index_select(2, self.trans), dtheta, self.dy_dx, self.dy_dtheta)
+        T, dy_t = _common_dtype(T, dy_t)
         return T.index_copy(2, self.trans, dy_t)
 
     def vjp(self, C: Tensor) -> Tensor:
         B, K = C.shape[:2]
         dx_t, dtheta = coupling_cotangent(C.index_select(2, self.trans), self.dy_dx, self.dy_dtheta)
         dx_c = self.parts[0].vjp(dtheta.reshape(B, K, -1))
+        C, dx_c, dx_t = _common_dtype(C, dx_c, dx_t)
         return C.index_add(2, self.cond, dx_c).index_copy(2, self.trans, dx_t)
+
+
+def _common_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in their promoted dtype: under autocast a conditioner's GEMMs give bf16
+    where the rest of a coupling's tangents are float32, and index_copy / index_add take one
+    dtype."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _coupling_input(layer: Coupling, x: Tensor) -> tuple[Tensor, Tensor, LayerLinearization]:

@@ -15,6 +15,7 @@ and σ'(a) (σ'' terms included) instead of ``torch.func``'s dual tensors. A mod
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -380,6 +381,8 @@ class SequentialLinearization(Linearization):
         with no activation after it and that is cheaper: J = W M with M (B, n, d) the Jacobian
         up to W's input, so A = Mᵀ (WᵀW) M; WᵀW is computed once per call, and the d tangents
         never pass through the widest layer. Returns None where it does not pay (n too wide).
+        M comes in the decoder's compute dtype (autocast's where one is active); A is formed
+        from it in float32 at least, outside autocast.
 
         Arguments:
             create_graph: differentiable with respect to z and the decoder's parameters.
@@ -398,8 +401,14 @@ class SequentialLinearization(Linearization):
             )
             hidden = Chain(chain.parts[:-1])
             E = torch.eye(d, dtype=self.z.dtype, device=self.z.device).expand(B, d, d)
-            MT = hidden.jvp(E)  # (B, d, n): row k is M e_k
-            A = (MT @ (weight.T @ weight)) @ MT.transpose(1, 2)
+            MT = hidden.jvp(E)  # (B, d, n): row k is M e_k, in the decoder's compute dtype
+            # A Gram matrix is never formed in 16 bits, nor under the caller's autocast.
+            acc = torch.promote_types(MT.dtype, torch.float32)
+            device = MT.device.type
+            off = torch.amp.is_autocast_available(device)
+            with torch.autocast(device, enabled=False) if off else contextlib.nullcontext():
+                MT, W = MT.to(acc), weight.to(acc)
+                A = (MT @ (W.T @ W)) @ MT.transpose(1, 2)
             return 0.5 * (A + A.transpose(1, 2))
 
     def gram_mv_hidden(self, V: Tensor) -> tuple[Tensor, Tensor] | None:
