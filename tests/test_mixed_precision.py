@@ -92,14 +92,14 @@ def _call(decoder, z, method, autocast, **kwargs):
     d = z.shape[1]
     if method == "cg":
         # Full probes √d e_k (Σ v vᵀ / K = I) run to 3d iterations: the exact estimate.
-        probes = d**0.5 * torch.eye(d, dtype=z.dtype).expand(z.shape[0], d, d)
+        probes = d**0.5 * torch.eye(d, dtype=z.dtype, device=z.device).expand(z.shape[0], d, d)
         kwargs.update(probes=probes, tol=0.0, max_iter=3 * d)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*numerically singular")
         warnings.filterwarnings("ignore", message="CG reached max_iter")  # tol 0 is never met
         if autocast is None:
             return rnf_fast.logdet_grad(decoder, z, method, return_info=True, **kwargs)
-        with torch.autocast("cpu", dtype=autocast):
+        with torch.autocast(z.device.type, dtype=autocast):
             return rnf_fast.logdet_grad(decoder, z, method, return_info=True, **kwargs)
 
 
@@ -121,6 +121,20 @@ def _truth(decoder64, z64):
 def test_value_and_gradient_match_the_float64_truth(problem, mode, method):
     # Before: under autocast the MLP raised (its output is bf16, z float32) and the flow's CG
     # raised in index_add_; a bf16 decoder had every sample flagged singular on the exact path.
+    _check_against_truth(problem, mode, method, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["exact", "cg"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_value_and_gradient_match_the_float64_truth_on_cuda(problem, mode, method):
+    # The same rule with the decoder on a CUDA device (its kernels, cuBLAS's 16-bit GEMMs); the
+    # truth is computed on the CPU in float64.
+    _check_against_truth(problem, mode, method, "cuda")
+
+
+def _check_against_truth(problem: str, mode: str, method: str, device: str) -> None:
     dtype, autocast = MODES[mode]
     u = _unit_roundoff(mode)
     gamma = 8 if problem == "flow" else 4
@@ -130,12 +144,12 @@ def test_value_and_gradient_match_the_float64_truth(problem, mode, method):
         z = torch.randn(B, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
         # The truth of the decoder that ran: its (rounded) weights and z, in float64.
         value64, grad64, kappa_F = _truth(copy.deepcopy(decoder).double(), z.double())
-        z = z.requires_grad_(True)
+        decoder, z = decoder.to(device), z.to(device).requires_grad_(True)
         value, info = _call(decoder, z, method, autocast)
         assert value.dtype == torch.float32  # the value rule: float32 at least
         assert info.linalg_dtype == torch.float64 and not bool(info.singular.any())
         bound = 2 * gamma * u * kappa_F
-        err = (value.detach().double() - value64).abs()
+        err = (value.detach().cpu().double() - value64).abs()
         assert bool((err <= bound).all()), (
             f"seed {seed}: value error / (u κ_F) up to {float((err / (u * kappa_F)).max()):.2f}"
             f" > 2γ = {2 * gamma}"
@@ -145,7 +159,7 @@ def test_value_and_gradient_match_the_float64_truth(problem, mode, method):
         assert all(g.dtype == x.dtype for g, x in zip(gradient, inputs))  # bf16 params: bf16 grads
         grad_bound = float(bound.max())
         assert grad_bound < 0.5  # the premise: a gradient missing its factor 2 fails the bound
-        grad_err = rel_error(torch.cat([g.double().flatten() for g in gradient]), grad64)
+        grad_err = rel_error(torch.cat([g.cpu().double().flatten() for g in gradient]), grad64)
         assert grad_err <= grad_bound, (
             f"seed {seed}: gradient error {grad_err:.3g} > bound {grad_bound:.3g}"
         )
@@ -191,7 +205,7 @@ def test_a_gram_formed_in_16_bits_would_fail(path, mode):
     if autocast is None:
         value, info = rnf_fast.logdet_grad(decoder, z, "exact", return_info=True)
     else:
-        with torch.autocast("cpu", dtype=autocast):
+        with torch.autocast(z.device.type, dtype=autocast):
             value, info = rnf_fast.logdet_grad(
                 decoder, z, "exact", linalg_dtype=torch.float32, return_info=True
             )
@@ -306,7 +320,7 @@ def _flags(decoder, z, autocast, method="exact"):
         if autocast is None:
             _, info = rnf_fast.logdet_grad(decoder, z, method, return_info=True)
         else:
-            with torch.autocast("cpu", dtype=autocast):
+            with torch.autocast(z.device.type, dtype=autocast):
                 _, info = rnf_fast.logdet_grad(decoder, z, method, return_info=True)
     messages = [str(w.message) for w in caught if "rank deficient" in str(w.message)]
     return info.singular, messages
