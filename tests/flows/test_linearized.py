@@ -345,3 +345,33 @@ def test_unflatten_round_trip() -> None:
     T = randn(4, 3, 12, seed=19)
     assert torch.equal(lin.jvp(T), T.reshape(4, 3, 2, 3, 2))
     assert torch.equal(lin.vjp(lin.jvp(T)), T)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"padding": 1},
+        {"padding": 0},
+        {"padding": 2, "dilation": 2},
+        {"padding": (1, 0), "kernel_size": (3, 1)},
+        {"padding": 1, "groups": 2},
+        {"padding": 1, "stride": 2},  # not a convolution at stride 1: nn.grad.conv2d_input
+        {"padding": 3},  # padding above dilation·(k - 1): likewise
+    ],
+)
+def test_convolution_transpose_is_the_vjp_of_the_convolution(options):
+    # The transposed product of a Conv2d (a convolution with the flipped kernel at stride 1)
+    # against autograd's vector-Jacobian product of the same convolution, in float64.
+    from rnf_fast.linearize.modules import _Conv
+
+    options = {"kernel_size": 3, **options}
+    conv = torch.nn.Conv2d(4, 6, **options).double()
+    B, K, size = 3, 2, (4, 9, 8)
+    x = torch.randn(B * K, *size, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    C = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, x, C)
+    lin = _Conv(conv, size)
+    assert lin.as_conv == (conv.stride == (1, 1) and options["padding"] != 3)
+    got = lin.vjp(C.reshape(B, K, *C.shape[1:]))
+    torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=1e-12, atol=1e-12)
