@@ -552,18 +552,33 @@ def scaled_linear_case(
     return {"rel_err": err, "ref_rel_err": err_ref, **timed}
 
 
-def coupling_case(B: int, P: int, op: str, *, device, sizes, ceil) -> dict:
+def coupling_case(
+    B: int,
+    P: int,
+    op: str,
+    *,
+    device,
+    sizes,
+    ceil,
+    m: int | None = None,
+    packed: bool | None = None,
+) -> dict:
     """One direction of the coupling step (``coupling_tangent`` or ``coupling_cotangent``)
-    with P parameters per transformed feature."""
+    with P parameters per transformed feature, m of them (default ``sizes.m``); ``packed``
+    chooses the kernel's programs (see :mod:`rnf_fast.kernels.coupling`; None: its default)."""
     torch.manual_seed(0)
     f32 = {"device": device, "dtype": torch.float32}
-    m, M = sizes.m, B * sizes.K
+    m, M = sizes.m if m is None else m, B * sizes.K
     dy_dx, dy_dtheta = torch.rand(B, m, **f32), torch.randn(B, m, P, **f32)
     dx_t, dtheta = torch.randn(B, sizes.K, m, **f32), torch.randn(B, sizes.K, m, P, **f32)
     args = (
         (dx_t, dtheta, dy_dx, dy_dtheta) if op == "coupling_tangent" else (dx_t, dy_dx, dy_dtheta)
     )
     kernel, ref = getattr(kernels, op), getattr(kernel_reference, op)
+    if packed is not None and kernels.triton_available() and device.type == "cuda":
+        from rnf_fast.kernels import coupling as coupling_kernels  # imports Triton
+
+        kernel = functools.partial(getattr(coupling_kernels, op), packed=packed)
     runs = ((kernel, args), (ref, args), (ref, tuple(x.double() for x in args)))
     outs = [_as_tuple(f(*a)) for f, a in runs]
     errs = [check_close(op, g, r, t) for g, r, t in zip(*outs)]
@@ -804,6 +819,20 @@ def run_kernels(log: SectionLog, device: torch.device, sizes: Sizes, ceil: dict)
                         "B": B,
                     },
                     functools.partial(coupling_case, B, P, op, **common),
+                )
+        # A tabular flow's coupling (m = 21 features, MINIBOONE's half): one row per program
+        # against rows packed into each program (off by default until measured here).
+        for packed in (False, True):
+            for op in ("coupling_tangent", "coupling_cotangent"):
+                log.run(
+                    {
+                        "case": f"{op} P=2 {M}x21",
+                        "op": op,
+                        "impl": f"{kernel_impl}{', packed' if packed else ''}",
+                        "dtype": "float32",
+                        "B": B,
+                    },
+                    functools.partial(coupling_case, B, 2, op, m=21, packed=packed, **common),
                 )
         for name in available_backends(device):
             if name == "torch":

@@ -18,7 +18,7 @@ __all__ = ["BLOCK_M", "BLOCK_N_CHOICES", "BLOCK_R", "BLOCK_SEG", "NUM_WARPS", "s
 
 BLOCK_M = 64  # rows (B·K tangents) per program
 BLOCK_R = 32  # reduction chunk (over R = n_in, or n_out transposed); tl.dot needs >= 16 on a GPU
-BLOCK_SEG = 128  # reduction segment summed on its own before joining the total (a multiple of BLOCK_R)
+BLOCK_SEG = 128  # reduction segment summed on its own, then added to the total (k · BLOCK_R)
 NUM_WARPS = 8  # at 4 warps the two-level sum spills registers (ptxas, sm_90)
 BLOCK_N_CHOICES = (32, 64)  # output features per program: 32 for narrow layers (d -> 16)
 

@@ -61,16 +61,18 @@ def configurations() -> list[tuple[str, object, dict, dict, int]]:
                 label = f"scaled_linear transpose={transpose} scale={has_scale} BLOCK_N={block_n}"
                 configs.append((label, linear._scaled_linear_kernel, sig, const, linear.NUM_WARPS))
     for transpose in (False, True):
-        for block_p in coupling.BLOCK_P_CHOICES:
-            names = ("t_ptr", "th_ptr", "dx_ptr", "dth_ptr", "out_ptr", "out_th_ptr")
-            sig = {a: f32 for a in names} | {a: "i32" for a in ("K", "m", "P")}
-            const = {
-                "TRANSPOSE": transpose,
-                "BLOCK_M": coupling.BLOCK_ELEMENTS // block_p,
-                "BLOCK_P": block_p,
-            }
-            label = f"coupling transpose={transpose} BLOCK_P={block_p}"
-            configs.append((label, coupling._coupling_kernel, sig, const, 4))
+        for packed in (False, True):
+            for block_p in coupling.BLOCK_P_CHOICES:
+                names = ("t_ptr", "th_ptr", "dx_ptr", "dth_ptr", "out_ptr", "out_th_ptr")
+                sig = {a: f32 for a in names} | {a: "i32" for a in ("K", "m", "P", "rows")}
+                const = {
+                    "TRANSPOSE": transpose,
+                    "PACKED": packed,
+                    "BLOCK_M": coupling.BLOCK_ELEMENTS // block_p,
+                    "BLOCK_P": block_p,
+                }
+                label = f"coupling transpose={transpose} packed={packed} BLOCK_P={block_p}"
+                configs.append((label, coupling._coupling_kernel, sig, const, 4))
     for dtype, choices in gram.CONFIGS.items():
         for block_i, block_d, num_warps in choices:
             sig = {"j_ptr": _pointer(dtype), "a_ptr": _pointer(dtype)}
@@ -120,8 +122,15 @@ def register_spills(ptx: str) -> str | None:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
         proc = subprocess.run(
-            [get_ptxas(TARGET[1]).path, "--gpu-name", f"sm_{TARGET[1]}a", "-v", str(src),
-             "-o", str(Path(tmp) / "kernel.cubin")],
+            [
+                get_ptxas(TARGET[1]).path,
+                "--gpu-name",
+                f"sm_{TARGET[1]}a",
+                "-v",
+                str(src),
+                "-o",
+                str(Path(tmp) / "kernel.cubin"),
+            ],
             capture_output=True,
             text=True,
         )

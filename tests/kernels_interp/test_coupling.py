@@ -25,24 +25,26 @@ def _factors(B, K, m, P):
     return torch.rand(B, m) + 0.5, torch.randn(B, m, P)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_coupling_tangent_matches_reference(shape):
+def test_coupling_tangent_matches_reference(shape, packed):
     B, K, m, P = shape
     dy_dx, dy_dtheta = _factors(*shape)
     dx_t, dtheta = torch.randn(B, K, m), torch.randn(B, K, m, P)
     args = (dx_t, dtheta, dy_dx, dy_dtheta)
-    got = coupling_tangent(*args)
+    got = coupling_tangent(*args, packed=packed)
     ref = reference.coupling_tangent(*args)
     truth = reference.coupling_tangent(*(a.double() for a in args))
     assert_within_2x(f"coupling_tangent{shape}", got, ref, truth)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_coupling_cotangent_matches_reference(shape):
+def test_coupling_cotangent_matches_reference(shape, packed):
     B, K, m, P = shape
     dy_dx, dy_dtheta = _factors(*shape)
     dy_t = torch.randn(B, K, m)
-    dx_t, dtheta = coupling_cotangent(dy_t, dy_dx, dy_dtheta)
+    dx_t, dtheta = coupling_cotangent(dy_t, dy_dx, dy_dtheta, packed=packed)
     ref_x, ref_theta = reference.coupling_cotangent(dy_t, dy_dx, dy_dtheta)
     true_x, true_theta = reference.coupling_cotangent(
         dy_t.double(), dy_dx.double(), dy_dtheta.double()
