@@ -143,8 +143,15 @@ if __name__ == "__main__":  # as pip and `python setup.py` run it; tests import 
             "rnf_fast.models",
             "rnf_fast.ops",
             "rnf_fast.training",
+            "rnf_fast.csrc",
         ],
-        package_dir={"rnf_fast": "rnf_fast", "rnf_fast.kernels": "kernels"},
+        package_dir={
+            "rnf_fast": "rnf_fast",
+            "rnf_fast.kernels": "kernels",
+            "rnf_fast.csrc": "csrc",
+        },
+        # The CUDA device code, for the "cupy" backend to compile at run time (NVRTC) from a wheel.
+        package_data={"rnf_fast.csrc": ["*.h", "cuda/*.cuh"]},
         ext_modules=extensions,
         cmdclass=get_cmdclass(extensions),
     )

@@ -1,5 +1,6 @@
 // One fused CG step with Lanczos bookkeeping, CPU: reference.cg_update, one system at a time
 // (the scalar bookkeeping is shared with the CUDA kernel: system_math.h).
+#include "ops.h"
 #include "system_math.h"
 
 namespace rnf_fast {

@@ -7,6 +7,7 @@
 // (the plain axpy form ran 1.2-1.4x slower at d = 64, and wider SIMD did not help it).
 #include <algorithm>
 
+#include "ops.h"
 #include "system_math.h"
 
 namespace rnf_fast {

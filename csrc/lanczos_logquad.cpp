@@ -1,4 +1,5 @@
 // Stochastic Lanczos quadrature, CPU: reference.lanczos_logquad, one tridiagonal at a time.
+#include "ops.h"
 #include "system_math.h"
 
 namespace rnf_fast {

@@ -9,38 +9,11 @@
 // csrc/README.md).
 #pragma once
 
-#include <cstdint>
+#include "views.h"
 
 struct CUstream_st;  // cudaStream_t without the CUDA headers
 
 namespace rnf_fast {
-
-// Largest d (Cholesky) and M (Lanczos steps) the kernels take; larger sizes run the reference.
-constexpr int64_t kMaxDim = 64;
-// Most jitter retries cholesky_logdet takes (the reference's default is 3).
-constexpr int kMaxJitterSteps = 8;
-
-// The CG state of reference.CGState: x, r, p (N, d); rr, bb (N,); active, breakdown (N,);
-// steps (N,); alphas, betas (N, max_iter).
-template <typename T>
-struct CGView {
-  T* x;
-  T* r;
-  T* p;
-  T* rr;
-  const T* bb;
-  bool* active;
-  bool* breakdown;
-  int64_t* steps;
-  T* alphas;
-  T* betas;
-};
-
-// Jitters tried after a failed factorisation, in units of eps(T) * |tr A| / d.
-struct JitterSteps {
-  int count;
-  double steps[kMaxJitterSteps];
-};
 
 // One CG step for systems [begin, end): updates the state in place, writes column `it` of
 // alphas/betas and the step sizes to alpha (N,). tol2 is the squared relative tolerance.

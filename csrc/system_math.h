@@ -1,15 +1,16 @@
-// Per-system math shared by the CPU (.cpp) and CUDA (.cu) kernels: scalar helpers, the scalar
-// bookkeeping of one CG step and the Lanczos quadrature of one tridiagonal, written once for
-// host and device. Torch-free.
+// Per-system math shared by the CPU (.cpp) and CUDA (cuda/*_device.cuh) kernels: scalar helpers,
+// the scalar bookkeeping of one CG step and the Lanczos quadrature of one tridiagonal, written
+// once for host and device. Torch-free; it compiles under NVRTC too (__CUDACC_RTC__: no standard
+// headers there, the math functions are built in).
 #pragma once
 
-#include <cfloat>
+#if !defined(__CUDACC_RTC__)
 #include <cmath>
-#include <cstdint>
+#endif
 
-#include "ops.h"
+#include "views.h"
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__)  // nvcc and NVRTC
 #define RNF_HD __host__ __device__
 #else
 #define RNF_HD
@@ -44,18 +45,19 @@ RNF_HD inline double log_(double x) { return log(x); }
 
 template <typename T>
 struct Limits;
+// The <cfloat> constants, as exact hexadecimal literals (NVRTC has no <cfloat>).
 template <>
 struct Limits<float> {
-  static constexpr float eps = FLT_EPSILON;
-  static constexpr float tiny = FLT_MIN;
-  static constexpr float max = FLT_MAX;
+  static constexpr float eps = 0x1p-23f;         // FLT_EPSILON
+  static constexpr float tiny = 0x1p-126f;       // FLT_MIN
+  static constexpr float max = 0x1.fffffep127f;  // FLT_MAX
   static constexpr float hypot_min = 1e-12f;
 };
 template <>
 struct Limits<double> {
-  static constexpr double eps = DBL_EPSILON;
-  static constexpr double tiny = DBL_MIN;
-  static constexpr double max = DBL_MAX;
+  static constexpr double eps = 0x1p-52;                 // DBL_EPSILON
+  static constexpr double tiny = 0x1p-1022;              // DBL_MIN
+  static constexpr double max = 0x1.fffffffffffffp1023;  // DBL_MAX
   static constexpr double hypot_min = 1e-138;
 };
 
@@ -66,7 +68,11 @@ RNF_HD inline bool finite_(T x) {
 
 template <typename T>
 RNF_HD inline T quiet_nan() {
+#if defined(__CUDACC_RTC__)
+  return T(__int_as_float(0x7fc00000));  // the quiet NaN that NAN is (no <cmath> in NVRTC)
+#else
   return T(NAN);
+#endif
 }
 
 // sqrt(a² + b²) without overflow or destructive underflow: the plain formula, rescaled only

@@ -1,7 +1,9 @@
 """The compiled backend ``"cpp"`` (rnf_fast._C) against the reference ops, on CPU.
 
 float64 results must match the reference to rounding; float32 results must be about as
-accurate as the reference's own float32 run, both measured against a float64 truth.
+accurate as the reference's own float32 run, both measured against a float64 truth. The CUDA
+tests at the end run the same device code from both of its builds: ``"cpp"`` (nvcc, in
+rnf_fast._C) and ``"cupy"`` (NVRTC at run time, rnf_fast.ops.cupy).
 """
 
 import pytest
@@ -9,8 +11,12 @@ import torch
 
 import rnf_fast
 from rnf_fast.ops import cpp
+from rnf_fast.ops import cupy as cupy_backend
 from rnf_fast.ops import reference as ref
-from rnf_fast.testing import cg_agreement, grads, mlp_decoder, rel_error
+from rnf_fast.testing import (
+    assert_backend_equals_torch,
+    cg_agreement,
+)
 
 needs_ext = pytest.mark.skipif(cpp._C is None, reason=cpp.unavailable_reason() or "")
 DTYPES = [torch.float32, torch.float64]
@@ -348,22 +354,7 @@ def test_cholesky_kernel_limit(monkeypatch, d, compiled):
 @needs_ext
 @pytest.mark.parametrize("method", ["exact", "cg"])
 def test_logdet_grad_cpp_equals_torch(method):
-    dec = mlp_decoder(5, 12, hidden=(16,))
-    z = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
-    probes = torch.randn(6, 3, 5, dtype=torch.float64)
-    options = {"exact": rnf_fast.Exact(), "cg": rnf_fast.CG(probes=probes, tol=1e-10, max_iter=15)}
-    kwargs = dict(method=options[method], return_info=True)
-    results = {}
-    for backend in ("torch", "cpp"):
-        value, info = rnf_fast.logdet_grad(dec, z, backend=backend, **kwargs)
-        assert info.backend == backend
-        results[backend] = (value, grads(value, [z, *dec.parameters()]), info)
-    (v_t, g_t, i_t), (v_c, g_c, i_c) = results["torch"], results["cpp"]
-    assert rel_error(v_c.detach(), v_t.detach()) < 1e-12
-    for a, b in zip(g_c, g_t):
-        assert rel_error(a, b) < 1e-10
-    if method == "cg":
-        assert torch.equal(i_c.cg.iterations, i_t.cg.iterations)
+    assert_backend_equals_torch("cpp", method)
 
 
 # --- input validation (the binding names the argument) -----------------------------------
@@ -451,6 +442,38 @@ def test_the_extension_is_built_with_cuda_where_torch_and_nvcc_have_it():
 needs_cuda_ext = pytest.mark.skipif(
     cpp._C is None or not cpp._C.WITH_CUDA, reason="needs rnf_fast._C built with CUDA"
 )
+# The backends whose ops run the CUDA kernels of csrc/cuda.
+CUDA_BACKENDS = [
+    pytest.param("cpp", marks=needs_cuda_ext),
+    pytest.param(
+        "cupy",
+        marks=pytest.mark.skipif(
+            cupy_backend.unavailable_reason() is not None,
+            reason=str(cupy_backend.unavailable_reason()),
+        ),
+    ),
+]
+
+
+@pytest.fixture
+def cuda_ops(request, monkeypatch):
+    """The module of the backend under test (parametrized indirectly); for ``"cupy"``, checks
+    afterwards that its kernels ran (not the reference after a failed build)."""
+    if request.param == "cpp":
+        yield cpp
+        return
+    launched = set()
+    launch = cupy_backend._launch
+
+    def spy(kernel, *args):
+        launched.add(kernel.name)
+        launch(kernel, *args)
+
+    monkeypatch.setattr(cupy_backend, "_launch", spy)
+    yield cupy_backend
+    assert cupy_backend.cupy_failure() is None, cupy_backend.cupy_failure()
+    ops = ("cg_update", "cholesky_logdet", "cholesky_inverse", "lanczos_logquad")
+    assert {name.rsplit("_", 1)[0].removeprefix("rnf_") for name in launched} == set(ops)
 
 
 def _check_on_cuda(what, op, *inputs):
@@ -479,23 +502,22 @@ def _check_on_cuda(what, op, *inputs):
 
 
 @pytest.mark.cuda
-@needs_cuda_ext
+@pytest.mark.parametrize("cuda_ops", CUDA_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [5, 64])
-def test_cuda_kernels_match_the_reference(dtype, d):
+def test_cuda_kernels_match_the_reference(cuda_ops, dtype, d):
     # Failing factorisations: the info codes say where each fails, on either device.
     failing = _failing_matrices().to(dtype)
     assert torch.equal(
-        cpp.cholesky_logdet(failing.cuda())[3].cpu(), ref.cholesky_logdet(failing)[3]
+        cuda_ops.cholesky_logdet(failing.cuda())[3].cpu(), ref.cholesky_logdet(failing)[3]
     )
     A = _spd(33, d, torch.float64, cond=1e3, seed=d).to(dtype)
-    L, _, _, info = _check_on_cuda("cholesky_logdet", cpp.cholesky_logdet, A)
+    L, _, _, info = _check_on_cuda("cholesky_logdet", cuda_ops.cholesky_logdet, A)
     assert not bool(info.any())
-    _check_on_cuda("cholesky_inverse", cpp.cholesky_inverse, ref.cholesky_logdet(A)[0])
-    _check_on_cuda(
-        "lanczos_logquad", cpp.lanczos_logquad, *_lanczos_coefficients(33, d, d, dtype, seed=d)
-    )
+    _check_on_cuda("cholesky_inverse", cuda_ops.cholesky_inverse, ref.cholesky_logdet(A)[0])
+    coefficients = _lanczos_coefficients(33, d, d, dtype, seed=d)
+    _check_on_cuda("lanczos_logquad", cuda_ops.lanczos_logquad, *coefficients)
     G = torch.randn(2000, d, d, dtype=torch.float64)
     A = (G @ G.mT / d + 0.5 * torch.eye(d, dtype=torch.float64)).to(dtype)
-    report = cg_agreement(cpp.cg_update, A.cuda(), torch.randn(2000, d, dtype=dtype).cuda())
-    print(f"cpp cg_update on CUDA {dtype} d={d}: {report}")
+    report = cg_agreement(cuda_ops.cg_update, A.cuda(), torch.randn(2000, d, dtype=dtype).cuda())
+    print(f"{cuda_ops.__name__} cg_update on CUDA {dtype} d={d}: {report}")

@@ -85,6 +85,13 @@ def test_wheel_from_sdist_imports_outside_the_checkout(tmp_path):
     found = json.loads(out.stdout.strip().splitlines()[-1])
     for name in ("_C", "kernels"):  # from the installed wheel, not from the checkout
         assert Path(found[name]).resolve().is_relative_to(site.resolve()), found
+    # The device code the "cupy" backend compiles at run time ships in the wheel.
+    device_code = {p.relative_to(ROOT / "csrc").as_posix() for p in ROOT.glob("csrc/cuda/*.cuh")}
+    device_code |= {p.name for p in ROOT.glob("csrc/*.h")}
+    in_wheel = {
+        p.relative_to(site / "rnf_fast/csrc").as_posix() for p in site.glob("rnf_fast/csrc/**/*")
+    }
+    assert device_code and device_code <= in_wheel, sorted(device_code - in_wheel)
     report = {name: (ok, detail) for name, ok, detail in found["report"]}
     assert report["cpp"][0], f"backend 'cpp' is unavailable: {report['cpp'][1]}"
 

@@ -1,31 +1,26 @@
-// Stochastic Lanczos quadrature, CUDA: one thread per tridiagonal, sharing the per-system
-// implicit-QL code of the CPU kernel (system_math.h).
+// Stochastic Lanczos quadrature, CUDA host launcher: the kernels are the entry points of
+// lanczos_logquad_device.cuh, which NVRTC also compiles (rnf_fast/ops/cupy.py).
 #include <cuda_runtime.h>
 
-#include "../system_math.h"
+#include "../ops.h"
+#include "lanczos_logquad_device.cuh"
 
 namespace rnf_fast {
 namespace {
 
-constexpr int kThreads = 128;
-
-template <typename T>
-__global__ void lanczos_logquad_kernel(const T* __restrict__ alphas, const T* __restrict__ betas,
-                                       const int64_t* __restrict__ steps,
-                                       const T* __restrict__ bb, T* __restrict__ out, int64_t N,
-                                       int64_t M) {
-  const int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (n >= N) return;
-  out[n] = lanczos_logquad_one(alphas + n * M, betas + n * M, steps[n], bb[n], M);
-}
+// The entry point of each dtype.
+auto lanczos_logquad_kernel(float) { return rnf_lanczos_logquad_f32; }
+auto lanczos_logquad_kernel(double) { return rnf_lanczos_logquad_f64; }
 
 }  // namespace
 
 template <typename T>
 const char* lanczos_logquad_cuda(const T* alphas, const T* betas, const int64_t* steps,
                                  const T* bb, T* out, int64_t N, int64_t M, CUstream_st* stream) {
-  const int64_t blocks = (N + kThreads - 1) / kThreads;
-  lanczos_logquad_kernel<T><<<blocks, kThreads, 0, stream>>>(alphas, betas, steps, bb, out, N, M);
+  using device::kLanczosThreads;
+  const int64_t blocks = (N + kLanczosThreads - 1) / kLanczosThreads;
+  lanczos_logquad_kernel(T())<<<blocks, kLanczosThreads, 0, stream>>>(alphas, betas, steps, bb,
+                                                                      out, N, M);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

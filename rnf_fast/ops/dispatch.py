@@ -7,6 +7,9 @@ backend    module                   devices        ops it implements (the rest: 
 "cpp"      rnf_fast.ops.cpp         cpu, cuda      cg_update, lanczos_logquad, cholesky_* (_C)
 "triton"   rnf_fast.ops.triton      cuda           the matvec ops, gram, cg_update (Triton);
                                                    base "cpp"
+"cupy"     rnf_fast.ops.cupy        cuda           cg_update, lanczos_logquad, cholesky_* (the
+                                                   CUDA kernels of csrc/, compiled by NVRTC
+                                                   through CuPy); base "triton"
 =========  =======================  =============  ==============================================
 
 A backend is a module holding only the ops it implements. :func:`get_backend` gives a
@@ -17,21 +20,27 @@ a kernel's limit), so every call has an answer.
 
 The backend of a call: the ``backend=`` argument (of :func:`rnf_fast.logdet_grad`, or of the ops
 below); else the innermost :func:`use_backend` block of this thread; else ``"auto"``, the
-available backend of highest priority that serves the tensors' device. :func:`rnf_fast.logdet_grad`
-enters ``use_backend`` with the backend it resolved, so the linearizations' matvec ops
-(:func:`scaled_linear`, :func:`coupling_tangent`, :func:`coupling_cotangent`) follow it: the
-Triton kernels run only under ``"triton"`` (which ``"auto"`` picks on CUDA when Triton is
-usable), ``"torch"`` means PyTorch everywhere and ``"cpp"`` never launches Triton::
+available backend of highest priority that serves the tensors' device: on CUDA ``"cupy"``, then
+``"triton"``, ``"cpp"``, ``"torch"``; on CPU ``"cpp"``, then ``"torch"``. ``"cupy"`` is the
+``"triton"`` backend with the per-system kernels of ``csrc/`` compiled at run time: ``"auto"``
+picks it only where ``rnf_fast._C`` has no CUDA kernels (a CUDA build of torch installed
+without nvcc) and skips it where it has them (its disabled reason says so).
+:func:`rnf_fast.logdet_grad` enters ``use_backend`` with the backend it resolved, so the
+linearizations' matvec ops (:func:`scaled_linear`, :func:`coupling_tangent`,
+:func:`coupling_cotangent`) follow it: the Triton kernels run only under ``"triton"`` and
+``"cupy"`` (one of which ``"auto"`` picks on CUDA when Triton is usable), ``"torch"`` means
+PyTorch everywhere and ``"cpp"`` never launches Triton::
 
     with rnf_fast.use_backend("torch"):
         value = rnf_fast.logdet_grad(decoder, z)
 
-A backend can be unavailable (``RNF_FAST_NO_TRITON=1``, no extension, no device: asking for it
-by name is an error) or disabled (Triton switched itself off after a compile or launcher
-failure in this process: ``"auto"`` skips it, but asking by name still works, its ops running
-the reference). :func:`backend_report` gives the reason of either. The ``"cpp"`` ops run the
-reference on CUDA tensors where the extension has no CUDA kernels or ``RNF_FAST_NO_CUDA_EXT=1``
-switches them off (:func:`rnf_fast.ops.cpp.cuda_unavailable_reason`).
+A backend can be unavailable (``RNF_FAST_NO_TRITON=1``, no extension, CuPy not installed, no
+device: asking for it by name is an error) or disabled (Triton or CuPy switched itself off after
+a compile or launcher failure in this process, or ``"cupy"`` is not needed beside a CUDA build
+of the extension: ``"auto"`` skips it, but asking by name still works, its ops running the
+reference after a failure). :func:`backend_report` gives the reason of either. The ``"cpp"``
+ops run the reference on CUDA tensors where the extension has no CUDA kernels or
+``RNF_FAST_NO_CUDA_EXT=1`` switches them off (:func:`rnf_fast.ops.cpp.cuda_unavailable_reason`).
 """
 
 from __future__ import annotations
@@ -94,6 +103,18 @@ def _triton_disabled() -> str | None:
     return disabled_reason()
 
 
+def _cupy_probe() -> str | None:
+    from .cupy import unavailable_reason
+
+    return unavailable_reason()
+
+
+def _cupy_disabled() -> str | None:
+    from .cupy import disabled_reason
+
+    return disabled_reason()
+
+
 _REGISTRY: dict[str, _Entry] = {
     "torch": _Entry("torch", "rnf_fast.ops.reference", None, 0, _always),
     # csrc/ compiled as rnf_fast._C; on CUDA tensors it runs the reference unless _C was built
@@ -103,6 +124,12 @@ _REGISTRY: dict[str, _Entry] = {
     # tensors, even where TRITON_INTERPRET=1 would run them).
     "triton": _Entry(
         "triton", "rnf_fast.ops.triton", ("cuda",), 20, _triton_probe, _triton_disabled, "cpp"
+    ),
+    # The kernels of csrc/cuda compiled by NVRTC (CuPy), the "triton" ops for the rest; CUDA
+    # only, above "triton" for "auto", which skips it where _C has CUDA (disabled: not needed),
+    # so a CUDA build of the extension is never replaced by the same kernels compiled again.
+    "cupy": _Entry(
+        "cupy", "rnf_fast.ops.cupy", ("cuda",), 30, _cupy_probe, _cupy_disabled, "triton"
     ),
 }
 _local = threading.local()  # .name: the use_backend setting of this thread

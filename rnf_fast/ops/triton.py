@@ -33,7 +33,6 @@ import importlib.util
 import os
 import re
 import subprocess
-import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .frames import stacklevel_outside_ops
 from .reference import CGState
 
 __all__ = [
@@ -79,7 +79,6 @@ _CUDA_FAULT = re.compile(
     r"CUDA error|Triton Error \[CUDA\]|illegal memory access|device-side assert|"
     r"unspecified launch failure|misaligned address"
 )
-_HERE = os.path.dirname(os.path.abspath(__file__))
 _T = TypeVar("_T")
 _lock = threading.Lock()
 _failure: str | None = None  # the first compile/launcher failure of this process
@@ -200,19 +199,6 @@ def _build_failure(exc: BaseException) -> bool:
     return any(c.__module__.split(".")[0] == "triton" for c in type(exc).__mro__)
 
 
-def _in_ops(filename: str) -> bool:
-    return os.path.dirname(os.path.abspath(filename)) == _HERE
-
-
-def _stacklevel_outside_ops() -> int:
-    """The ``stacklevel`` that points a warning issued by the caller of this function at the
-    first frame outside rnf_fast/ops (the user's or the linearization's call)."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and _in_ops(frame.f_code.co_filename):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def _record_failure(op: str, exc: BaseException) -> None:
     """Keep the first failure's cause and warn, once per process."""
     global _failure
@@ -229,7 +215,7 @@ def _record_failure(op: str, exc: BaseException) -> None:
         "use, which needs a C compiler (on PATH, or named by CC) and the Python development "
         f"headers; set {NO_TRITON_ENV}=1 to skip Triton altogether",
         TritonFallbackWarning,
-        stacklevel=_stacklevel_outside_ops(),
+        stacklevel=stacklevel_outside_ops(),
     )
 
 
