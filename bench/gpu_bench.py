@@ -77,6 +77,7 @@ import rnf_fast
 from rnf_fast.engine.api import DEFAULT_CG_TOL
 from rnf_fast.engine.probes import make_probes
 from rnf_fast.ops import cpp as cpp_backend
+from rnf_fast.ops import cupy as cupy_backend
 from rnf_fast.ops import reference
 from rnf_fast.ops import reference as kernel_reference
 from rnf_fast.ops import triton as kernels
@@ -732,18 +733,22 @@ def _extension_reason(device: torch.device) -> str | None:
     return None
 
 
-def extension_case(op: str, B: int, dtype: torch.dtype, *, device, sizes, ceil) -> dict:
-    """One op of the extension (the ``"cpp"`` backend) for N = B·K systems of size d against
-    the reference: ``cholesky_logdet``, ``cholesky_inverse`` or ``lanczos_logquad`` (its
-    coefficients from a reference CG solve at :data:`CG_TOL`)."""
-    reason = _extension_reason(device)
+def extension_case(
+    op: str, B: int, dtype: torch.dtype, *, device, sizes, ceil, backend: str = "cpp"
+) -> dict:
+    """One op of the extension's kernels for N = B·K systems of size d against the reference:
+    ``cholesky_logdet``, ``cholesky_inverse`` or ``lanczos_logquad`` (its coefficients from a
+    reference CG solve at :data:`CG_TOL`), through the ``"cpp"`` backend (``rnf_fast._C``) or
+    the ``"cupy"`` backend (the same device code compiled by NVRTC)."""
+    module = {"cpp": cpp_backend, "cupy": cupy_backend}[backend]
+    reason = _extension_reason(device) if backend == "cpp" else module.unavailable_reason()
     if reason is not None:
         raise SkipCase(reason)
     torch.manual_seed(0)
     N, d = B * sizes.K, sizes.d
     A, b = _spd(N, d, dtype, device)
     esize = A.element_size()
-    ours, ref = getattr(cpp_backend, op), getattr(reference, op)
+    ours, ref = getattr(module, op), getattr(reference, op)
     if op == "cholesky_logdet":
         args: tuple = (A,)
         L, logdet, _, info = ours(A)
@@ -834,7 +839,13 @@ def run_kernels(log: SectionLog, device: torch.device, sizes: Sizes, ceil: dict)
                     },
                     functools.partial(coupling_case, B, 2, op, m=21, packed=packed, **common),
                 )
-        for name in available_backends(device):
+        # The cupy backend too where it can run, although "auto" skips it beside a CUDA _C:
+        # its rows beside the cpp backend's, each against the reference.
+        names = available_backends(device)
+        cupy_usable = cupy_backend.unavailable_reason() is None
+        if device.type == "cuda" and "cupy" not in names and cupy_usable:
+            names.append("cupy")
+        for name in names:
             if name == "torch":
                 continue  # the reference itself
             ops = get_backend(name, device)[1]
@@ -849,19 +860,23 @@ def run_kernels(log: SectionLog, device: torch.device, sizes: Sizes, ceil: dict)
                     {**base, "case": f"cg_update {dname} N={M} d={d}", "op": "cg_update"},
                     functools.partial(cg_update_case, ops, name, B, dtype, **common),
                 )
+        impls = {"cpp": "cpp backend (rnf_fast._C)", "cupy": "cupy backend (NVRTC)"}
+        if device.type != "cuda" or not cupy_usable:
+            del impls["cupy"]
         for op in EXTENSION_OPS:
             for dtype in DTYPES:
                 dname = str(dtype).removeprefix("torch.")
-                log.run(
-                    {
-                        "case": f"{op} {dname} N={M} d={d}",
-                        "op": op,
-                        "impl": "cpp backend (rnf_fast._C)",
-                        "dtype": dname,
-                        "B": B,
-                    },
-                    functools.partial(extension_case, op, B, dtype, **common),
-                )
+                for backend, impl in impls.items():
+                    log.run(
+                        {
+                            "case": f"{op} {dname} N={M} d={d}",
+                            "op": op,
+                            "impl": impl,
+                            "dtype": dname,
+                            "B": B,
+                        },
+                        functools.partial(extension_case, op, B, dtype, backend=backend, **common),
+                    )
 
 
 # ---------------------------------------------------------------------------------------------
