@@ -69,7 +69,7 @@ def test_unavailable_reasons_in_order(monkeypatch):
     monkeypatch.setattr(cupy_backend, "_cupy_installed", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "CuPy is not installed" in cupy_backend.unavailable_reason()
-    assert "cupy-cuda13x" in _row()[2]
+    assert "rnf_fast[cuda-jit-cu13]" in _row()[2]
     monkeypatch.setattr(cupy_backend, "_cupy_installed", lambda: True)
     assert cupy_backend.unavailable_reason().startswith("no CUDA device")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

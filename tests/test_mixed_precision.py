@@ -271,12 +271,13 @@ def test_products_run_under_the_callers_autocast(monkeypatch, method):
     from rnf_fast.linearize.modules import SequentialLinearization
 
     seen = []
-    for name in ("jvp", "vjp"):
+    for name in ("jvp", "vjp", "jvp_hidden"):
         original = getattr(SequentialLinearization, name)
 
         def spied(self, *args, _original=original, _name=name, **kwargs):
             result = _original(self, *args, **kwargs)
-            seen.append((_name, result.dtype, torch.is_autocast_enabled("cpu")))
+            tangents = result[0] if isinstance(result, tuple) else result  # jvp_hidden: (M v, W)
+            seen.append((_name, tangents.dtype, torch.is_autocast_enabled("cpu")))
             return result
 
         monkeypatch.setattr(SequentialLinearization, name, spied)

@@ -78,6 +78,11 @@ class LogdetInfo:
         cg: the CG path's report (:class:`~rnf_fast.engine.stochastic.CGInfo`: ``matvecs``,
             ``iterations``, ``residuals``, ``converged``, ``preconditioner``, ``solution``), or
             None.
+        output: (B, D) decoder(z) with its graph, where the linearization ran the decoder with
+            grad enabled and kept it (the explicit linearizations of ``nn.Sequential`` MLPs and
+            of the flow decoders do; its graph is the one the log det's gradient flows
+            through), else None. A loss that needs decoder(z) as well (a reconstruction term)
+            can use it instead of running the decoder again: the ML loss does.
     """
 
     method: Literal["exact", "cg"]
@@ -93,6 +98,7 @@ class LogdetInfo:
     unused_options: tuple[str, ...] = ()
     exact: ExactInfo | None = None
     cg: CGInfo | None = None
+    output: Tensor | None = None
 
 
 def _run(
@@ -185,6 +191,7 @@ def _estimate(
             unused_options=options.unused(chosen),
             exact=part if chosen == "exact" else None,
             cg=part if chosen == "cg" else None,
+            output=getattr(lin, "output", None),
         )
         value = estimate.value.to(accumulate_dtype(z.dtype))
         S = estimate.surrogate

@@ -81,7 +81,17 @@ class Estimate:
 def tangent_inner(lin: Linearization, V: Tensor, W: Tensor) -> Tensor:
     """Σ_k ⟨w_k, J v_k⟩ per sample, differentiable through J: V (B, K, d), W (B, K, D) -> (B,).
 
-    The products are in the more precise of W's and J v's dtypes, summed in float32 at least
+    A linearization that factors J = W₃ M through a final linear layer (``jvp_hidden``) takes
+    it in the hidden space as ⟨w_k W₃, M v_k⟩ (W₃ differentiable, w_k not): the same value up
+    to rounding, without the tangents' pass through W₃ and with one GEMM less in the backward.
+    The products are in the more precise of the two factors' dtypes, summed in float32 at least
     (:func:`~.precision.accumulate_dtype`)."""
-    WJV = W * lin.jvp(V, create_graph=True)
+    hidden = getattr(lin, "jvp_hidden", None)
+    pair = hidden(V) if callable(hidden) else None
+    if pair is None:
+        WJV = W * lin.jvp(V, create_graph=True)
+    else:
+        MV, weight = pair
+        dtype = torch.promote_types(W.dtype, weight.dtype)
+        WJV = (W.to(dtype) @ weight.to(dtype)) * MV
     return WJV.sum((1, 2), dtype=accumulate_dtype(WJV.dtype))

@@ -124,13 +124,13 @@ class CallerAutocast:
         return lin if self.dtype is None else _UnderCallerAutocast(lin, self)
 
 
-_PRODUCTS = ("jvp", "vjp", "gram_mv", "gram", "gram_mv_hidden", "lift")
+_PRODUCTS = ("jvp", "vjp", "gram_mv", "gram", "gram_mv_hidden", "jvp_hidden", "lift")
 
 
 class _UnderCallerAutocast:
     """A linearization whose products (``jvp``, ``vjp``, ``gram_mv`` and the optional ``gram``,
-    ``gram_mv_hidden``, ``lift``) and output run under the caller's autocast; every other
-    attribute is the wrapped linearization's."""
+    ``gram_mv_hidden``, ``jvp_hidden``, ``lift``) and output run under the caller's autocast;
+    every other attribute is the wrapped linearization's."""
 
     def __init__(self, lin: object, caller: CallerAutocast) -> None:
         self._lin = lin

@@ -100,7 +100,7 @@ class _SplitGramProduct:
         self.lifted = False
         self.last_image: Tensor | None = None
         self.first_image_zero: Tensor | None = None
-        self.image = torch.zeros((), dtype=dtype, device=z.device)
+        self.image: Tensor | None = None  # allocated by the first step (CG takes at least one)
 
     def __call__(self, P: Tensor) -> Tensor:
         B, d = self.z.shape
@@ -129,12 +129,16 @@ class _SplitGramProduct:
         return (AQ if self.prec is None else self.prec.solve_L(AQ)).reshape(B * self.K, d)
 
     def step(self, alpha: Tensor) -> None:
-        """Follow the iterate's step x += α p in the image: J u += α (J L⁻ᵀ p)."""
+        """Follow the iterate's step x += α p in the image: J u += α (J L⁻ᵀ p), in place in
+        the linalg dtype (one buffer for the whole run, the product cast up inside the
+        kernel)."""
         B = self.z.shape[0]
         step = alpha.view(B, self.K, 1)
         if self.last_scale is not None:
             step = step * self.last_scale
-        self.image = self.image + step * self.last_image.to(self.dtype)
+        if self.image is None:
+            self.image = torch.zeros(self.last_image.shape, dtype=self.dtype, device=self.z.device)
+        self.image.addcmul_(step, self.last_image)
 
     def solution_image(self) -> Tensor:
         """J u_k (B, K, D), detached: in the linalg dtype accumulated, rounded once to z's dtype

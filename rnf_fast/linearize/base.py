@@ -46,6 +46,12 @@ class Linearization(ABC):
         gram_mv_hidden: optional ``gram_mv_hidden(V) -> (H, AV) | None``, the CG product in a
             hidden space of width n, with ``lift(H) -> J v`` (B, K, n) -> (B, K, D).
         lift: see ``gram_mv_hidden``.
+        jvp_hidden: optional ``jvp_hidden(V) -> (M v, W) | None``, the differentiable J v
+            factored as J = W M through a final linear layer W (D, n): M v (B, K, n) with its
+            graph and W itself, for inner products ⟨c, J v⟩ = ⟨c W, M v⟩ in the hidden space.
+        output: (B, D) the decoder's output at z with its graph, where the linearization ran
+            the decoder with grad enabled (else None): a caller that needs decoder(z) as well
+            (a reconstruction loss) can use it instead of running the decoder again.
 
     Example:
         >>> import torch
@@ -74,6 +80,8 @@ class Linearization(ABC):
     gram: Callable[..., Tensor | None] | None = None
     gram_mv_hidden: Callable[[Tensor], tuple[Tensor, Tensor] | None] | None = None
     lift: Callable[[Tensor], Tensor] | None = None
+    jvp_hidden: Callable[[Tensor], tuple[Tensor, Tensor] | None] | None = None
+    output: Tensor | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -513,10 +513,13 @@ class PaddedFlowLinearization(Linearization):
     """:class:`rnf_fast.Linearization` of the decoder z -> flows[-1](…flows[0]((z, 0))…) at z,
     with every flow linearized explicitly (see :func:`linearize_flow`).
 
-    The decoder runs once at construction (no graph), caching each layer's Jacobian factors;
-    ``jvp``, ``vjp`` and ``gram_mv`` then only propagate tangents and cotangents. The
-    differentiable ``jvp(V, create_graph=True)`` re-runs the decoder once with the graph and
-    pushes the tangents through the same rules.
+    The decoder runs once at construction, caching each layer's Jacobian factors; ``jvp``,
+    ``vjp`` and ``gram_mv`` then only propagate tangents and cotangents. With grad enabled that
+    run keeps its graph: the differentiable ``jvp(V, create_graph=True)`` pushes the tangents
+    through the same factors instead of running the decoder again, and ``output`` is the
+    decoder's output with its graph, for a caller that needs it too (the ML loss's
+    reconstruction). Without grad (or where the caller turned it off) the run records none, and
+    ``jvp(V, create_graph=True)`` runs the decoder again with the graph.
 
     Arguments:
         z: (B, d) the point (may require grad).
@@ -539,8 +542,10 @@ class PaddedFlowLinearization(Linearization):
         self.z = z
         self.flows = tuple(flows)
         self.D = D
-        with torch.no_grad():
-            self.out, self._lin = self._primal(z.detach())
+        self._graph = torch.is_grad_enabled()
+        output, self._lin = self._primal(z if self._graph else z.detach())
+        self.out = output.detach()
+        self.output = output if self._graph else None
         self._fallbacks = fallback_layers(self._lin)
         if self._fallbacks:
             self.path, self.batching = "generic", "explicit+func"
@@ -575,6 +580,8 @@ class PaddedFlowLinearization(Linearization):
             with torch.no_grad():
                 return self._lin.jvp(V)
         with torch.enable_grad():
+            if self._graph:
+                return self._lin.jvp(V)
             _, lin = self._primal(self.z)
             self._fallbacks += fallback_layers(lin)
             return lin.jvp(V)

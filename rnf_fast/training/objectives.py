@@ -42,8 +42,8 @@ OBJECTIVES: tuple[str, ...] = ("ml", "ts", "ml-no-logdet")
 TS_PHASES: tuple[str, ...] = ("manifold", "density")
 
 
-def _sq_error(model: RectangularFlow, x: Tensor, z: Tensor) -> Tensor:
-    return ((x - model.decode(z)) ** 2).sum(1)
+def _sq_error(x: Tensor, x_hat: Tensor) -> Tensor:
+    return ((x - x_hat) ** 2).sum(1)
 
 
 def ml_loss(
@@ -75,12 +75,19 @@ def ml_loss(
     module docstring); ``parts["singular"]`` counts them. The engine's warning about them is
     not silenced here (the trainer gathers them into one warning per epoch).
 
+    With the log det, the reconstruction g(z) is the decoder output that
+    :func:`rnf_fast.logdet_grad` computed with its graph (``LogdetInfo.output``: the flow
+    decoder's explicit linearization runs the decoder once, keeping the graph), so a step runs
+    the decoder's primal and its backward once, not twice (values equal, gradients to
+    rounding: both terms' gradients now flow back through one graph); otherwise (w = 0, no log
+    det, or a linearization that keeps no output) ``model.decode(z)``.
+
     Returns:
         (loss, parts): a scalar with a graph, and detached scalars (see the module docstring).
     """
     z = model.encode(x)
-    sq_error = _sq_error(model, x, z)
     keep = None
+    x_hat = None
     if weight > 0:
         log_p = model.latent_log_prob(z)
         log_pz = log_p
@@ -98,10 +105,13 @@ def ml_loss(
                 return_info=True,
             )
             log_p = log_p - 0.5 * ld
+            # The log det ran the decoder at z with its graph (LogdetInfo.output): the
+            # reconstruction reuses it, one decoder primal and backward per step instead of two.
+            x_hat = info.output
             singular = info.singular
             # No singular sample: keep=None, the plain means, bit for bit as without the check.
             keep = ~singular if bool(singular.any()) else None
-    recon = _mean(sq_error, keep)
+    recon = _mean(_sq_error(x, model.decode(z) if x_hat is None else x_hat), keep)
     loss = beta * recon
     parts = {"recon": recon.detach()}
     if weight > 0:
@@ -143,7 +153,7 @@ def ts_loss(
         (loss, parts) as :func:`ml_loss`.
     """
     if phase == "manifold":
-        sq_error = _sq_error(model, x, model.encode(x)).mean()
+        sq_error = _sq_error(x, model.reconstruct(x)).mean()
         loss = beta * sq_error
         parts = {"recon": sq_error.detach()}
     elif phase == "density":
