@@ -45,8 +45,8 @@ def machine_info() -> dict[str, object]:
         ``{"rnf_fast", "cpu", "backends", "extension", "triton_used", "threads", "gpu",
         "torch", "triton", "python"}``: rnf_fast's installed version (None when it runs
         without package metadata), the CPU model, its usable backends (fastest first),
-        whether the compiled extension ``rnf_fast._C`` loads, whether the Triton backend is
-        usable, torch's intra-op threads, the CUDA device's name (None without one), and the
+        whether the compiled extension ``rnf_fast._C`` loads, whether a backend that runs the
+        Triton kernels (``"triton"``, ``"cupy"``) is usable, torch's intra-op threads, the CUDA device's name (None without one), and the
         torch, Triton (None when absent) and Python versions.
     """
     backends = available_backends()
@@ -55,7 +55,7 @@ def machine_info() -> dict[str, object]:
         "cpu": _cpu_name(),
         "backends": backends,
         "extension": unavailable_reason() is None,
-        "triton_used": "triton" in backends,
+        "triton_used": "triton" in backends or "cupy" in backends,
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,

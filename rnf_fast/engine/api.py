@@ -149,7 +149,7 @@ def _estimate(
     # arithmetic (Gram, Cholesky, CG, SLQ, the surrogate's sums) never does: see .precision.
     caller = CallerAutocast.capture(z.device.type)
     # The linearizations' matvec ops follow the resolved backend: the Triton kernels run only
-    # under "triton"; "torch" and "cpp" mean no Triton anywhere in the call.
+    # under "triton" and "cupy" (whose base it is); "torch" and "cpp" mean no Triton anywhere.
     with use_backend(backend_name), engine_region(z.device.type):
         with caller.active():
             inner = linearize(decoder, z, batching=batching)
@@ -292,7 +292,8 @@ def logdet_grad(
         chunk_size: the field of :class:`~rnf_fast.Exact`, as a flat keyword.
         backend: backend of the small ops (:func:`rnf_fast.available_backends`); default: the
             ``use_backend`` setting, else the fastest available for z's device. The Triton
-            matvec kernels of the linearizations run only when it resolves to ``"triton"``.
+            matvec kernels of the linearizations run only when it resolves to ``"triton"`` or
+            ``"cupy"``.
         linalg_dtype: dtype of JᵀJ, Cholesky, the CG state and the Lanczos value:
             ``torch.float32`` or ``torch.float64`` (a 16-bit type is a ``ValueError``); default
             float64 when z is a lower precision (cond(JᵀJ) = cond(J)², so float32 Cholesky

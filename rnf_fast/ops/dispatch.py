@@ -308,7 +308,7 @@ def scaled_linear(
 ) -> Tensor:
     """Tangents through a linear layer and a diagonal scale, Y = (X Wᵀ) ⊙ S, or with
     ``transpose=True`` the cotangents Y = (X ⊙ S) W, run by the backend of the call (the
-    Triton kernel under ``"triton"`` for float32 CUDA tensors, else
+    Triton kernel under ``"triton"`` and ``"cupy"`` for float32 CUDA tensors, else
     :func:`rnf_fast.ops.reference.scaled_linear`).
 
     Arguments:
