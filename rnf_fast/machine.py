@@ -46,8 +46,9 @@ def machine_info() -> dict[str, object]:
         "torch", "triton", "python"}``: rnf_fast's installed version (None when it runs
         without package metadata), the CPU model, its usable backends (fastest first),
         whether the compiled extension ``rnf_fast._C`` loads, whether a backend that runs the
-        Triton kernels (``"triton"``, ``"cupy"``) is usable, torch's intra-op threads, the CUDA device's name (None without one), and the
-        torch, Triton (None when absent) and Python versions.
+        Triton kernels (``"triton"``, ``"cupy"``) is usable, torch's intra-op threads, the
+        CUDA device's name (None without one), and the torch, Triton (None when absent) and
+        Python versions.
     """
     backends = available_backends()
     return {
