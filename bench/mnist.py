@@ -103,10 +103,11 @@ Reproduce (four methods, two at a time, one thread each; finished runs are reuse
     {reproduce}
 
 One method alone: `{command}` (the `mnist5k` preset of `rnf_fast/runs.py` sets the
-architecture and budget; `--objective ml --method cg --probes 1`, `--objective ts` and
-`--objective ml-no-logdet` give the other rows). Run folders: `{root}/METHOD-seedN`
-(resolved `config.json`, checkpoints, `metrics.jsonl`, `results.json`, `samples_grid.png`,
-`reconstructions.png`, `samples.png`, `curves.png`, the cached classifier).
+architecture, and the budget where no flag overrides it; `--objective ml --method cg
+--probes 1`, `--objective ts` and `--objective ml-no-logdet` give the other rows). Run
+folders: `{root}/METHOD-seedN` (resolved `config.json`, checkpoints, `metrics.jsonl`,
+`results.json`, `samples_grid.png`, `reconstructions.png`, `samples.png`, `curves.png`, the
+cached classifier).
 
 Setup. Data: the subset split 4,300 / 200 / 500 (train / val / test, seed 0); every model
 trains on the digits 0-4 only ({n_train} training images, {n_test} test images), pixels
