@@ -114,9 +114,9 @@ Training: 8 epochs of batches of 32 with Adam (lr 1e-3, cosine to 1e-4), β = 50
 likelihood weight is 0 for epochs 0-4 (reconstruction only), rises over epoch 5 and is 1 for
 epochs 6-7; TS alternates manifold and density epochs. Cost: on a quiet machine with one
 thread an ML step with the log det takes 14.6x (exact) and 7.5x (cg, K = 1) the time of the
-same step without it (bench/step_cost.py). The whole runs of bench/results/mnist.md (28 and 26
-minutes against 1.3) ran exact and cg side by side with other jobs on 2 cores, so their ratios
-say less.
+same step without it (bench/step_cost.py). The 30-epoch runs of bench/results/mnist.md (two
+jobs of one thread at a time on 2 cores) took 13.9 minutes (exact), 8.3 (cg) and 1.8 without
+the log det.
 
 The paper's size, for a GPU (override in a config file): ``image_blocks`` 3,
 ``image_channels`` 64, ``image_res_blocks`` 2, the full data set (``data.classes`` null, or the
