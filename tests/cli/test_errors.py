@@ -17,27 +17,13 @@ import torch
 from rnf_fast.cli import build_parser, main
 from rnf_fast.runs import prepare_run, resolve_config
 
+from .errors import one_error_line, usage_error
+
 TINY = {
     "data": {"n_train": 128, "n_val": 32, "n_test": 32},
     "model": {"f_layers": 1, "f_hidden": [8], "h_layers": 1},
     "train": {"epochs": 2, "batch_size": 64, "warmup_end": 0, "method": "exact"},
 }
-
-
-def one_error_line(err: str) -> str:
-    """The single line of stderr, checked to be an rnf-fast error without a traceback."""
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("rnf-fast: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
-def usage_error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    return one_error_line(capsys.readouterr().err)
 
 
 @pytest.fixture

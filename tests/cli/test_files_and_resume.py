@@ -19,6 +19,8 @@ import torch
 from rnf_fast.cli import main
 from rnf_fast.data import load_dataset
 
+from .errors import usage_error
+
 # Not the defaults (8 couplings of 64-64, 30 epochs, ...): a resume that rebuilt the
 # configuration from the defaults instead of config.json would differ from this run.
 TINY = {
@@ -43,19 +45,6 @@ def files(tmp_path):
     np.save(folder / "test.npy", curve(60, 2))
     (folder / "tiny.json").write_text(json.dumps(TINY))
     return folder
-
-
-def one_error_line(err: str) -> str:
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rnf-fast: error: "), err
-    return lines[0]
-
-
-def usage_error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    return one_error_line(capsys.readouterr().err)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
