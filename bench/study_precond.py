@@ -22,6 +22,7 @@ from harness import make_problem
 
 from rnf_fast import logdet_grad
 from rnf_fast.runs import _load_data, _load_run, _prepare
+from rnf_fast.testing import dense_jacobian
 
 RUN = Path(__file__).resolve().parents[1] / "runs" / "quality" / "digits" / "ML__cg_K=1-seed0"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -41,9 +42,10 @@ def trained_problem(dtype: torch.dtype = torch.float32):
     return model, zs
 
 
-def _mean_gram(model, z):
-    """The batch's mean JᵀJ (d, d), from a dense Jacobian."""
-    J = torch.func.vmap(torch.func.jacfwd(lambda v: model.decode(v[None])[0]))(z)
+def mean_gram(decoder, z):
+    """The batch's mean JᵀJ (d, d) in float64, from the dense Jacobian
+    (:func:`rnf_fast.testing.dense_jacobian`)."""
+    J = dense_jacobian(decoder, z.detach())
     return (J.transpose(1, 2) @ J).double().mean(0)
 
 
@@ -63,7 +65,7 @@ def _trained_rows(model, zs, d):
             for i in range(1, BATCHES + 1):
                 prec = {"none": None, "jacobi": "jacobi", "batch": "batch"}.get(name)
                 if name == "cached":
-                    prec = _mean_gram(model, zs[i - 1])
+                    prec = mean_gram(model.decode, zs[i - 1])
                 it, mv, _ = _iterations(model.decode, zs[i], K, preconditioner=prec)
                 its.append(it)
                 mvs.append(mv)

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.measure import machine_info  # noqa: E402
+from study_precond import mean_gram  # noqa: E402
 
 from rnf_fast import CG, Exact, logdet_grad  # noqa: E402
 from rnf_fast.runs import _load_data, _load_run, _prepare  # noqa: E402
@@ -35,12 +36,6 @@ from rnf_fast.runs import _load_data, _load_run, _prepare  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 B = 32
 NAMES = ("none", "jacobi", "batch", "cached")
-
-
-def _mean_gram(decoder, z):
-    """The batch's mean JᵀJ (d, d) in float64, from the exact method's Jacobian products."""
-    J = torch.func.vmap(torch.func.jacfwd(lambda v: decoder(v[None])[0]))(z.detach())
-    return (J.transpose(1, 2) @ J).double().mean(0)
 
 
 def _options(name, cached):
@@ -74,7 +69,7 @@ def main() -> None:
     counts = {n: {"iterations": [], "matvecs": [], "converged": []} for n in NAMES}
     times = {n: [] for n in (*NAMES, "exact")}
     for i in range(1, args.batches + 1):
-        z, cached = zs[i], _mean_gram(decoder, zs[i - 1])
+        z, cached = zs[i], mean_gram(decoder, zs[i - 1])
         for name in NAMES:
             _, info = logdet_grad(decoder, z, _options(name, cached), return_info=True)
             counts[name]["iterations"].append(info.cg.iterations.double().mean().item())
