@@ -208,15 +208,16 @@ def _eager_only(fn: Callable) -> Callable:
     its graph at the call instead of tracing in; the call then runs through the disabled ``fn``
     (no frame of it is compiled). Without dynamo loaded nothing can be compiling: ``fn`` runs.
     """
-    disabled: list[Callable] = []
+
+    @functools.cache
+    def disabled() -> Callable:
+        return torch.compiler.disable(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if "torch._dynamo" not in sys.modules:
             return fn(*args, **kwargs)
-        if not disabled:
-            disabled.append(torch.compiler.disable(fn))
-        return disabled[0](*args, **kwargs)
+        return disabled()(*args, **kwargs)
 
     wrapper._torchdynamo_disable = True  # read with inspect.getattr_static by dynamo
     return wrapper
