@@ -5,6 +5,10 @@ S = σ'(a));  cotangents  X̄ = (Ȳ ⊙ S) W  (its transpose). One kernel serves
 the constexpr ``TRANSPOSE`` moves the scale from the epilogue (on the GEMM's output) to the
 prologue (on its input) and the launcher passes W's strides swapped. S has one row per sample
 and is broadcast over the K tangents of that sample.
+
+Two call-time switches (:mod:`rnf_fast.kernels.tuning`), both off by default: the ``tl.dot``
+input precision (``RNF_FAST_TRITON_PRECISION``: ``ieee``, or ``tf32x3`` on tensor cores) and
+tile autotuning over :data:`AUTOTUNE_CONFIGS` (``RNF_FAST_TRITON_AUTOTUNE=1``).
 """
 
 from __future__ import annotations
@@ -14,13 +18,27 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["BLOCK_M", "BLOCK_N_CHOICES", "BLOCK_R", "BLOCK_SEG", "NUM_WARPS", "scaled_linear"]
+from .tuning import autotune_enabled, input_precision, tuned
 
-BLOCK_M = 64  # rows (B·K tangents) per program
-BLOCK_R = 32  # reduction chunk (over R = n_in, or n_out transposed); tl.dot needs >= 16 on a GPU
-BLOCK_SEG = 128  # reduction segment summed on its own, then added to the total (k · BLOCK_R)
-NUM_WARPS = 8  # at 4 warps the two-level sum spills registers (ptxas, sm_90)
-BLOCK_N_CHOICES = (32, 64)  # output features per program: 32 for narrow layers (d -> 16)
+__all__ = ["AUTOTUNE_CONFIGS", "BLOCK_SEG", "DEFAULT_CONFIGS", "scaled_linear"]
+
+BLOCK_SEG = 128  # reduction segment summed on its own, then added to the total (an accuracy
+# choice, fixed in every configuration: a multiple of each BLOCK_R)
+# (BLOCK_M rows of B·K tangents, BLOCK_N outputs, BLOCK_R reduction chunk, num_warps) per
+# program. tl.dot needs every block >= 16 on a GPU. The default takes the first BLOCK_N >= N,
+# else the last: 32 for narrow layers (d -> 16). 8 warps: at 4 the two-level sum of the 64-wide
+# tile spills registers (ptxas, sm_90).
+DEFAULT_CONFIGS = ((64, 32, 32, 8), (64, 64, 32, 8))
+# What RNF_FAST_TRITON_AUTOTUNE=1 times, per input precision (the defaults among them, so tuning
+# never loses to them but for timing noise). Each compiles for sm_90 without spills in every
+# variant (tests/test_triton_compile.py); larger tiles spill in the transposed, scaled variant
+# (IEEE: 64 × 128 and 128 × 64 at 8 warps; tf32x3: 128 × 64), which tensor cores take only at
+# BLOCK_R = 16: hence the 64 × 128 × 16 tile for tf32x3 alone.
+_SMALL_TILES = ((32, 32, 16, 4), (32, 64, 16, 8), (64, 64, 16, 8))
+AUTOTUNE_CONFIGS = {
+    "ieee": (*DEFAULT_CONFIGS, *_SMALL_TILES),
+    "tf32x3": (*DEFAULT_CONFIGS, *_SMALL_TILES, (64, 128, 16, 8)),
+}
 
 
 @triton.jit
@@ -41,6 +59,7 @@ def _scaled_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_SEG: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     # Y[m, n] = Σ_r X[m, r] W'[r, n] with W'[r, n] at w_ptr + r·stride_wr + n·stride_wn: M = B·K
     # rows (K tangents per sample), N outputs, R the reduction length, walked BLOCK_R at a time.
@@ -69,7 +88,7 @@ def _scaled_linear_kernel(
                 mask=red_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
-            seg = tl.dot(a, w, seg, input_precision="ieee")
+            seg = tl.dot(a, w, seg, input_precision=INPUT_PRECISION)
         acc += seg
     out_mask = row_ok[:, None] & col_ok[None, :]
     if HAS_SCALE and not TRANSPOSE:
@@ -97,22 +116,46 @@ def _check(X: Tensor, W: Tensor, S: Tensor | None, transpose: bool) -> tuple[int
     return n_x, n_in if transpose else n_out
 
 
-def scaled_linear(X: Tensor, W: Tensor, S: Tensor | None, *, transpose: bool = False) -> Tensor:
+def _default_config(N: int) -> tuple[int, int, int, int]:
+    return next((c for c in DEFAULT_CONFIGS if c[1] >= N), DEFAULT_CONFIGS[-1])
+
+
+def scaled_linear(
+    X: Tensor,
+    W: Tensor,
+    S: Tensor | None,
+    *,
+    transpose: bool = False,
+    precision: str | None = None,
+    autotune: bool | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> Tensor:
     """Tangents through a linear layer and a diagonal scale, every tangent in one GEMM.
 
     ``transpose=False``: Y = (X Wᵀ) ⊙ S; ``transpose=True``: Y = (X ⊙ S) W. float32 in and
-    out, float32 accumulation in IEEE precision (no TF32).
+    out, float32 accumulation, by default with IEEE products (no TF32).
 
     Arguments:
         X: (B, K, n_in) tangents (``transpose=True``: (B, K, n_out) cotangents).
         W: (n_out, n_in) the layer's weight.
         S: (B, n_out) per-sample scale, broadcast over K, or None for no scale.
         transpose: apply the transposed map.
+        precision: ``"ieee"`` or ``"tf32x3"`` (tensor cores); None reads
+            ``RNF_FAST_TRITON_PRECISION`` (default ``"ieee"``).
+        autotune: time the precision's :data:`AUTOTUNE_CONFIGS` on the first call per shape
+            and keep the fastest; None reads ``RNF_FAST_TRITON_AUTOTUNE`` (default off: the
+            fixed tiles).
+        config: one (BLOCK_M, BLOCK_N, BLOCK_R, num_warps) of the precision's
+            :data:`AUTOTUNE_CONFIGS` to launch (overrides ``autotune``).
 
     Returns:
         (B, K, n_out) (``transpose=True``: (B, K, n_in)).
     """
     R, N = _check(X, W, S, transpose)
+    precision = input_precision(precision)
+    choices = AUTOTUNE_CONFIGS[precision]
+    if config is not None and config not in choices:
+        raise ValueError(f"config must be one of {choices} for {precision!r}, got {config}")
     B, K = X.shape[:2]
     M = B * K
     X = X.contiguous()
@@ -121,25 +164,35 @@ def scaled_linear(X: Tensor, W: Tensor, S: Tensor | None, *, transpose: bool = F
     if M == 0 or N == 0:
         return Y
     stride_wr, stride_wn = (W.stride(0), W.stride(1)) if transpose else (W.stride(1), W.stride(0))
-    block_n = BLOCK_N_CHOICES[0] if BLOCK_N_CHOICES[0] >= N else BLOCK_N_CHOICES[1]
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, block_n))
-    _scaled_linear_kernel[grid](
-        X,
-        W,
-        S_arg,
-        Y,
-        M,
-        N,
-        R,
-        K,
-        stride_wr,
-        stride_wn,
-        HAS_SCALE=S is not None,
-        TRANSPOSE=transpose,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=block_n,
-        BLOCK_R=BLOCK_R,
-        BLOCK_SEG=BLOCK_SEG,
-        num_warps=NUM_WARPS,
-    )
+
+    def launch(tiles: tuple[int, int, int, int]) -> None:
+        block_m, block_n, block_r, num_warps = tiles
+        _scaled_linear_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+            X,
+            W,
+            S_arg,
+            Y,
+            M,
+            N,
+            R,
+            K,
+            stride_wr,
+            stride_wn,
+            HAS_SCALE=S is not None,
+            TRANSPOSE=transpose,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_R=block_r,
+            BLOCK_SEG=BLOCK_SEG,
+            INPUT_PRECISION=precision,
+            num_warps=num_warps,
+        )
+
+    if config is None:
+        config = _default_config(N)
+        if autotune_enabled(autotune):
+            key = ("scaled_linear", X.device, M, N, R, stride_wr, stride_wn, transpose)
+            key += (S is not None, precision)
+            config = tuned(key, choices, launch, X.device, config)
+    launch(config)
     return Y

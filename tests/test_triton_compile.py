@@ -7,7 +7,9 @@ It runs in a subprocess without TRITON_INTERPRET (this file executed as a script
 fresh cache, so nothing is skipped as already compiled.
 
 Each compiled kernel is also assembled by Triton's ptxas with ``-v``: a configuration that spills
-registers fails the check.
+registers fails the check. Its PTX must use tensor cores (mma.sync or wgmma) exactly where the
+configuration asks for them: the tf32x3 input precision of RNF_FAST_TRITON_PRECISION must, IEEE
+products (the default) and the kernels without tl.dot must not.
 
 It runs once per Triton install present: the environment's own, and Triton 3.6.0 (what the GPU
 machine runs) from the folder ``triton-3.6`` of the environment (``.venv/triton-3.6``, put there by
@@ -19,6 +21,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -39,27 +42,34 @@ def _pointer(dtype) -> str:
 
 def configurations() -> list[tuple[str, object, dict, dict, int]]:
     """(label, kernel, signature, constexprs, num_warps) for every configuration the launchers
-    of rnf_fast.kernels can launch."""
+    of rnf_fast.kernels can launch: the fixed tiles and the autotuned sets, in every input
+    precision of RNF_FAST_TRITON_PRECISION where the kernel has a float32 tl.dot."""
     import torch
-    from rnf_fast.kernels import cg, coupling, gram, linear
+    from rnf_fast.kernels import cg, coupling, gram, linear, tuning
 
     configs = []
     f32 = "*fp32"
-    for transpose in (False, True):
-        for has_scale in (False, True):
-            for block_n in linear.BLOCK_N_CHOICES:
-                sig = {a: f32 for a in ("x_ptr", "w_ptr", "s_ptr", "y_ptr")}
-                sig |= {a: "i32" for a in ("M", "N", "R", "K", "stride_wr", "stride_wn")}
-                const = {
-                    "HAS_SCALE": has_scale,
-                    "TRANSPOSE": transpose,
-                    "BLOCK_M": linear.BLOCK_M,
-                    "BLOCK_N": block_n,
-                    "BLOCK_R": linear.BLOCK_R,
-                    "BLOCK_SEG": linear.BLOCK_SEG,
-                }
-                label = f"scaled_linear transpose={transpose} scale={has_scale} BLOCK_N={block_n}"
-                configs.append((label, linear._scaled_linear_kernel, sig, const, linear.NUM_WARPS))
+    for precision in tuning.PRECISIONS:
+        for tiles in linear.AUTOTUNE_CONFIGS[precision]:  # the default tiles among them
+            block_m, block_n, block_r, num_warps = tiles
+            for transpose in (False, True):
+                for has_scale in (False, True):
+                    sig = {a: f32 for a in ("x_ptr", "w_ptr", "s_ptr", "y_ptr")}
+                    sig |= {a: "i32" for a in ("M", "N", "R", "K", "stride_wr", "stride_wn")}
+                    const = {
+                        "HAS_SCALE": has_scale,
+                        "TRANSPOSE": transpose,
+                        "BLOCK_M": block_m,
+                        "BLOCK_N": block_n,
+                        "BLOCK_R": block_r,
+                        "BLOCK_SEG": linear.BLOCK_SEG,
+                        "INPUT_PRECISION": precision,
+                    }
+                    label = (
+                        f"scaled_linear {precision} tiles={tiles} transpose={transpose} "
+                        f"scale={has_scale}"
+                    )
+                    configs.append((label, linear._scaled_linear_kernel, sig, const, num_warps))
     for transpose in (False, True):
         for packed in (False, True):
             for block_p in coupling.BLOCK_P_CHOICES:
@@ -73,13 +83,22 @@ def configurations() -> list[tuple[str, object, dict, dict, int]]:
                 }
                 label = f"coupling transpose={transpose} packed={packed} BLOCK_P={block_p}"
                 configs.append((label, coupling._coupling_kernel, sig, const, 4))
-    for dtype, choices in gram.CONFIGS.items():
-        for block_i, block_d, num_warps in choices:
-            sig = {"j_ptr": _pointer(dtype), "a_ptr": _pointer(dtype)}
-            sig |= {a: "i32" for a in ("D", "d", "stride_jb", "stride_jD", "stride_jd")}
-            const = {"USE_DOT": dtype == torch.float32, "BLOCK_I": block_i, "BLOCK_D": block_d}
-            label = f"gram {dtype} BLOCK_I={block_i} BLOCK_D={block_d}"
-            configs.append((label, gram._gram_kernel, sig, const, num_warps))
+    for dtype, choices in gram.AUTOTUNE_CONFIGS.items():
+        # float64 has no tl.dot: its launcher always passes "ieee".
+        precisions = tuning.PRECISIONS if dtype == torch.float32 else ("ieee",)
+        for tiles in choices:  # the fixed tiles among them
+            block_i, block_d, num_warps = tiles
+            for precision in precisions:
+                sig = {"j_ptr": _pointer(dtype), "a_ptr": _pointer(dtype)}
+                sig |= {a: "i32" for a in ("D", "d", "stride_jb", "stride_jD", "stride_jd")}
+                const = {
+                    "USE_DOT": dtype == torch.float32,
+                    "BLOCK_I": block_i,
+                    "BLOCK_D": block_d,
+                    "INPUT_PRECISION": precision,
+                }
+                label = f"gram {dtype} {precision} tiles={tiles}"
+                configs.append((label, gram._gram_kernel, sig, const, num_warps))
     for dtype in cg.DTYPES:
         for block_d in cg.BLOCK_D_CHOICES:
             fp = _pointer(dtype)
@@ -91,6 +110,21 @@ def configurations() -> list[tuple[str, object, dict, dict, int]]:
             label = f"cg_update {dtype} BLOCK_D={block_d}"
             configs.append((label, cg._cg_update_kernel, sig, const, cg.NUM_WARPS[dtype]))
     return configs
+
+
+# A tensor-core instruction in the PTX: mma.sync (Ampere-style) or wgmma (Hopper warpgroups).
+_MMA = re.compile(r"^\s*(@!?%p\d+\s+)?(wgmma\.mma_async|mma\.sync)", re.MULTILINE)
+
+
+def tensor_core_mismatch(const: dict, ptx: str) -> str | None:
+    """None when the PTX uses tensor cores exactly where the configuration asks for them:
+    tf32x3 must (mma or wgmma instructions), IEEE products and the kernels without tl.dot
+    must not (they run on the FMA units)."""
+    wanted = const.get("INPUT_PRECISION") == "tf32x3"
+    found = _MMA.search(ptx) is not None
+    if found == wanted:
+        return None
+    return "no mma/wgmma instruction in the PTX" if wanted else "mma/wgmma in IEEE PTX"
 
 
 def compile_one(kernel, sig: dict, const: dict, num_warps: int) -> str | None:
@@ -107,13 +141,12 @@ def compile_one(kernel, sig: dict, const: dict, num_warps: int) -> str | None:
         return f"{type(exc).__name__}: {exc}"[:2000]
     if not compiled.asm.get("cubin"):
         return "no cubin produced"
-    return register_spills(compiled.asm["ptx"])
+    return tensor_core_mismatch(const, compiled.asm["ptx"]) or register_spills(compiled.asm["ptx"])
 
 
 def register_spills(ptx: str) -> str | None:
     """None when ptxas (Triton's own) assembles the kernel without spilling registers to local
     memory, else what it reported: a spill turns every accumulator update into memory traffic."""
-    import re
     import tempfile
 
     from triton.backends.nvidia.compiler import get_ptxas
@@ -199,7 +232,10 @@ def test_every_kernel_configuration_compiles_for_sm90(tmp_path, triton_path, ver
     assert result["control_rejected"], (
         "a tl.dot with a reduction block of 8 compiled: the check proves nothing"
     )
-    assert result["compiled"] >= 25, result
+    assert result["compiled"] >= 79, result
+    # The tensor-core check has teeth both ways: tf32x3 configurations (mma/wgmma required)
+    # and IEEE ones (none allowed) were both compiled.
+    assert result["tf32x3"] >= 20 and result["compiled"] - result["tf32x3"] >= 20, result
     assert not result["failures"], "\n".join(f"{k}: {v}" for k, v in result["failures"].items())
 
 
@@ -217,6 +253,7 @@ if __name__ == "__main__":
         "triton": triton.__version__,
         "target": list(TARGET),
         "compiled": len(configs) - len(failures),
+        "tf32x3": sum(c[3].get("INPUT_PRECISION") == "tf32x3" for c in configs),
         "failures": failures,
         "control_rejected": control_rejected(),
         "seconds": round(time.perf_counter() - start, 1),

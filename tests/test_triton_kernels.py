@@ -19,7 +19,7 @@ import rnf_fast
 from rnf_fast import ops
 from rnf_fast.ops import reference
 from rnf_fast.ops import triton as triton_backend
-from rnf_fast.testing import assert_within_2x, cg_agreement, mlp_decoder
+from rnf_fast.testing import assert_within_2x, cg_agreement, mlp_decoder, rel_error
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -221,6 +221,153 @@ def test_triton_backend_is_registered_for_cuda_only(monkeypatch):
         rnf_fast.ops.dispatch.get_backend("triton", torch.device("cpu"))
 
 
+# ---------------------------------------------------------------- call-time speed switches
+# RNF_FAST_TRITON_PRECISION, RNF_FAST_TRITON_AUTOTUNE (rnf_fast.kernels.tuning, no Triton
+# import) and RNF_FAST_GRAM_CUBLAS_MIN_D (the backend's gram): parsed at each call, off by
+# default, never read for CPU tensors.
+
+
+def test_precision_and_autotune_switches_are_read_at_each_call(monkeypatch):
+    from rnf_fast.kernels import tuning
+
+    monkeypatch.delenv(tuning.PRECISION_ENV, raising=False)
+    monkeypatch.delenv(tuning.AUTOTUNE_ENV, raising=False)
+    assert (tuning.input_precision(), tuning.autotune_enabled()) == ("ieee", False)
+    monkeypatch.setenv(tuning.PRECISION_ENV, "tf32x3")
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
+    assert (tuning.input_precision(), tuning.autotune_enabled()) == ("tf32x3", True)
+    assert (tuning.input_precision("ieee"), tuning.autotune_enabled(False)) == ("ieee", False)
+    for value in ("", "0"):
+        monkeypatch.setenv(tuning.AUTOTUNE_ENV, value)
+        assert not tuning.autotune_enabled()
+    monkeypatch.setenv(tuning.PRECISION_ENV, "")
+    assert tuning.input_precision() == "ieee"
+    monkeypatch.setenv(tuning.PRECISION_ENV, "tf32")  # plain TF32 breaks the closeness rule
+    with pytest.raises(ValueError, match=r"RNF_FAST_TRITON_PRECISION must be one of ieee, tf32x3"):
+        tuning.input_precision()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        tuning.input_precision("bf16")
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "true")
+    with pytest.raises(ValueError, match="RNF_FAST_TRITON_AUTOTUNE must be 0 or 1"):
+        tuning.autotune_enabled()
+
+
+class _RejectedConfig(Exception):
+    """What Triton raises for a configuration this chip cannot run (OutOfResources, say)."""
+
+
+_RejectedConfig.__module__ = "triton.runtime.errors"
+
+
+def test_tuned_keeps_the_fastest_config_per_key(monkeypatch):
+    from rnf_fast.kernels import tuning
+
+    # Fake timings (ms by config), so the choice is known: each config is timed once per key.
+    fake = {"a": 3.0, "b": 1.0, "c": 2.0}
+    timed = []
+
+    def seconds(run, device):
+        timed.append(run())
+        return fake[timed[-1]]
+
+    monkeypatch.setattr(tuning, "_seconds", seconds)
+    tuning.clear_tuned()
+    try:
+        cpu = torch.device("cpu")
+        assert tuning.tuned("k1", "abc", lambda c: c, cpu, default="a") == "b"
+        assert tuning.tuned("k1", "abc", lambda c: c, cpu, default="a") == "b"
+        assert timed == ["a", "b", "c"]  # the second call timed nothing
+        fake["c"] = 0.5
+        assert tuning.tuned("k2", "abc", lambda c: c, cpu, default="a") == "c"
+        assert tuning.tuned_choices() == {"k1": "b", "k2": "c"}
+
+        # A configuration Triton rejects is left out; another error is raised as it is.
+        def run(config):
+            if config == "c":
+                raise _RejectedConfig("out of shared memory")
+            return config
+
+        assert tuning.tuned("k3", "abc", run, cpu, default="a") == "b"
+        with pytest.raises(_RejectedConfig):
+            tuning.tuned("k4", "c", run, cpu, default="c")
+
+        def broken(config):
+            raise KeyError(config)
+
+        with pytest.raises(KeyError):
+            tuning.tuned("k5", "abc", broken, cpu, default="a")
+        assert set(tuning.tuned_choices()) == {"k1", "k2", "k3"}
+    finally:
+        tuning.clear_tuned()
+
+
+def test_tuned_times_nothing_off_cuda_but_the_calls_themselves():
+    # The real timer off CUDA: one warm-up call, one timed call per configuration.
+    from rnf_fast.kernels import tuning
+
+    calls = []
+    tuning.clear_tuned()
+    try:
+        choice = tuning.tuned("k", (1, 2), calls.append, torch.device("cpu"), default=1)
+    finally:
+        tuning.clear_tuned()
+    assert choice in (1, 2) and calls == [1, 1, 2, 2]
+
+
+def test_gram_uses_cublas_for_float64_from_min_d():
+    select = triton_backend.gram_uses_cublas
+    f64, f32 = torch.float64, torch.float32
+    assert [select(f64, d, "32") for d in (16, 31, 32, 64)] == [False, False, True, True]
+    assert select(f64, 1, "0") and not select(f32, 64, "0")  # float32: always the kernel
+    assert not select(f64, 64, None) and not select(f64, 64, "")  # unset: never
+    for bad in ("-1", "16.5", "yes"):
+        with pytest.raises(ValueError, match="RNF_FAST_GRAM_CUBLAS_MIN_D must be a non-negative"):
+            select(f64, 64, bad)
+
+
+def test_triton_gram_routes_float64_to_cublas_from_min_d(monkeypatch):
+    # As on a CUDA device with Triton: the launcher spied, the device check passed.
+    launched = []
+
+    def kernel(op):
+        def launch(J):
+            launched.append((J.dtype, J.shape[2]))
+            return reference.gram(J)
+
+        return launch
+
+    monkeypatch.setattr(triton_backend, "_kernel", kernel)
+    monkeypatch.setattr(triton_backend, "_on_cuda", lambda *tensors: True)
+    monkeypatch.setattr(triton_backend, "triton_available", lambda: True)
+    monkeypatch.delenv(triton_backend.GRAM_CUBLAS_ENV, raising=False)
+    JT = torch.randn(3, 40, 300, dtype=torch.float64)
+    J40, J8 = JT[:, :, 5:290].transpose(1, 2), JT[:, :8, 5:290].transpose(1, 2)
+    triton_backend.gram(J40)  # unset: the kernel
+    monkeypatch.setenv(triton_backend.GRAM_CUBLAS_ENV, "16")
+    A = triton_backend.gram(J40)  # d = 40 >= 16: cuBLAS
+    triton_backend.gram(J8)  # d = 8 < 16: the kernel
+    triton_backend.gram(J40.float())  # float32: the kernel
+    assert launched == [(torch.float64, 40), (torch.float64, 8), (torch.float32, 40)]
+    assert torch.equal(A, A.transpose(1, 2)), "the cuBLAS Gram must be exactly symmetric"
+    assert rel_error(A, reference.gram(J40)) < 1e-14  # one GEMM's rounding (Frobenius)
+    monkeypatch.setenv(triton_backend.GRAM_CUBLAS_ENV, "sixteen")
+    with pytest.raises(ValueError, match="RNF_FAST_GRAM_CUBLAS_MIN_D"):
+        triton_backend.gram(J40)
+
+
+def test_speed_switches_never_touch_cpu_tensors(monkeypatch):
+    # Even set to values a kernel would reject, the switches leave CPU users on the reference.
+    monkeypatch.setenv("RNF_FAST_TRITON_PRECISION", "nonsense")
+    monkeypatch.setenv("RNF_FAST_TRITON_AUTOTUNE", "nonsense")
+    monkeypatch.setenv(triton_backend.GRAM_CUBLAS_ENV, "nonsense")
+    monkeypatch.setattr(triton_backend, "_kernel", _no_kernel)
+    calls = _record_reference_calls(monkeypatch, "gram", "scaled_linear")
+    J = torch.randn(2, 30, 20, dtype=torch.float64)
+    got = [triton_backend.gram(J), ops.scaled_linear(torch.randn(2, 3, 4), torch.randn(5, 4))]
+    assert [name for name, _ in calls] == ["gram", "scaled_linear"]
+    assert all(g is out for g, (_, out) in zip(got, calls))
+
+
 def _spd_systems(N, d, dtype, device="cpu"):
     G = torch.randn(N, d, d, dtype=torch.float64)
     A = G @ G.transpose(1, 2) / d + 0.5 * torch.eye(d, dtype=torch.float64)
@@ -304,3 +451,39 @@ def test_cg_update_on_cuda_agrees_with_the_reference(dtype, d):
 @needs_triton
 def test_triton_is_the_default_backend_on_cuda():
     assert rnf_fast.available_backends("cuda")[0] == "triton"
+
+
+@pytest.mark.cuda
+@needs_triton
+def test_autotuned_kernels_on_cuda_meet_the_closeness_rule():
+    # RNF_FAST_TRITON_AUTOTUNE=1 (as the argument): whichever tiles win, the answer obeys the
+    # rule (float64: the reference within rounding).
+    from rnf_fast.kernels import gram as gram_kernels
+    from rnf_fast.kernels import linear, tuning
+
+    dev = "cuda"
+    B, K, n_in, n_out = 64, 16, 256, 784
+    X, W = torch.randn(B, K, n_out, device=dev), torch.randn(n_out, n_in, device=dev) / n_in**0.5
+    S = torch.rand(B, n_out, device=dev)
+    got = linear.scaled_linear(X, W, S, transpose=True, autotune=True)
+    ref = reference.scaled_linear(X, W, S, transpose=True)
+    truth = reference.scaled_linear(X.double(), W.double(), S.double(), transpose=True)
+    assert_within_2x("scaled_linear autotuned", got, ref, truth)
+    JT = torch.randn(64, 70, 784, device=dev, dtype=torch.float64)
+    J = JT[:, :, 10:700].transpose(1, 2)
+    torch.testing.assert_close(gram_kernels.gram(J, autotune=True), reference.gram(J))
+    Jf = J.float()
+    got = gram_kernels.gram(Jf, autotune=True)
+    assert_within_2x("gram autotuned", got, reference.gram(Jf), reference.gram(J))
+    print(f"autotuned choices: {tuning.tuned_choices()}")
+
+
+@pytest.mark.cuda
+@needs_triton
+def test_float64_gram_on_cublas_on_cuda(monkeypatch):
+    monkeypatch.setenv(triton_backend.GRAM_CUBLAS_ENV, "0")
+    JT = torch.randn(64, 70, 784, device="cuda", dtype=torch.float64)
+    J = JT[:, :, 10:700].transpose(1, 2)
+    A = triton_backend.gram(J)
+    assert torch.equal(A, A.transpose(1, 2))
+    torch.testing.assert_close(A, reference.gram(J))

@@ -23,6 +23,19 @@ When Triton does not run:
 
 Like the ``"cpp"`` backend, :func:`cg_update` updates the state's tensors in place (the
 reference rebinds some of them).
+
+Speed switches, each read at every call and off by default until a GPU measurement shows it
+wins (``bench/gpu_bench.py``'s kernels section times each both ways); on CPU tensors none is
+read:
+
+- ``RNF_FAST_TRITON_PRECISION=tf32x3``: the float32 products of ``scaled_linear`` and ``gram``
+  on tensor cores (three TF32 products each) instead of IEEE FMA
+  (:mod:`rnf_fast.kernels.tuning`).
+- ``RNF_FAST_TRITON_AUTOTUNE=1``: ``scaled_linear`` and ``gram`` time a few tile configurations
+  on the first call per shape and keep the fastest.
+- ``RNF_FAST_GRAM_CUBLAS_MIN_D=n``: a float64 ``gram`` with d >= n runs as one cuBLAS batched
+  GEMM (:func:`gram_uses_cublas`), where the H200's float64 tensor cores serve it, instead of
+  the Triton kernel's FMA outer products.
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ from .frames import stacklevel_outside_ops
 from .reference import CGState
 
 __all__ = [
+    "GRAM_CUBLAS_ENV",
     "NO_TRITON_ENV",
     "TritonFallbackWarning",
     "cg_update",
@@ -53,6 +67,8 @@ __all__ = [
     "coupling_tangent",
     "disabled_reason",
     "gram",
+    "gram_cublas",
+    "gram_uses_cublas",
     "launch_cg_update",
     "run_triton",
     "scaled_linear",
@@ -64,6 +80,7 @@ __all__ = [
 ]
 
 NO_TRITON_ENV = "RNF_FAST_NO_TRITON"  # "1": no Triton anywhere (read at each call)
+GRAM_CUBLAS_ENV = "RNF_FAST_GRAM_CUBLAS_MIN_D"  # float64 gram on cuBLAS from this d (each call)
 
 # The kernel module holding each op's launcher (same name as the op).
 _KERNEL_MODULES = {
@@ -307,8 +324,50 @@ def coupling_cotangent(dy_t: Tensor, dy_dx: Tensor, dy_dtheta: Tensor) -> tuple[
     return run_triton("coupling_cotangent", reference.coupling_cotangent, *args)
 
 
+def gram_uses_cublas(dtype: torch.dtype, d: int, min_d: str | None) -> bool:
+    """Whether ``gram`` of a (B, D, d) CUDA tensor of ``dtype`` runs on cuBLAS, given the value
+    of ``RNF_FAST_GRAM_CUBLAS_MIN_D`` (None or empty: never): float64 with d >= that value.
+
+    Raises:
+        ValueError: ``min_d`` is not a non-negative integer (the message names the variable).
+
+    Example:
+        >>> gram_uses_cublas(torch.float64, 64, "32"), gram_uses_cublas(torch.float64, 16, "32")
+        (True, False)
+        >>> gram_uses_cublas(torch.float32, 64, "0"), gram_uses_cublas(torch.float64, 64, None)
+        (False, False)
+    """
+    if not min_d:
+        return False
+    try:
+        threshold = int(min_d)
+    except ValueError:
+        threshold = -1
+    if threshold < 0:
+        raise ValueError(
+            f"{GRAM_CUBLAS_ENV} must be a non-negative integer (the smallest d whose float64 "
+            f"gram runs on cuBLAS; unset: never), got {min_d!r}"
+        )
+    return dtype == torch.float64 and d >= threshold
+
+
+def gram_cublas(J: Tensor) -> Tensor:
+    """A = JᵀJ for every sample as one batched GEMM (cuBLAS on CUDA), made exactly symmetric.
+
+    Arguments:
+        J: (B, D, d) Jacobians (any strides).
+
+    Returns:
+        (B, d, d) symmetric Gram matrices (contiguous).
+    """
+    A = torch.bmm(J.transpose(1, 2), J)
+    # A GEMM need not round A[i, j] and A[j, i] alike; the op promises a symmetric A.
+    return (A + A.transpose(1, 2)).mul_(0.5)
+
+
 def gram(J: Tensor) -> Tensor:
-    """Compute A = JᵀJ for every sample (one Triton launch on CUDA).
+    """Compute A = JᵀJ for every sample (one Triton launch on CUDA; float64 from
+    ``RNF_FAST_GRAM_CUBLAS_MIN_D`` up: :func:`gram_cublas`).
 
     Arguments:
         J: (B, D, d) Jacobians (any strides).
@@ -317,6 +376,8 @@ def gram(J: Tensor) -> Tensor:
         (B, d, d) symmetric positive semi-definite Gram matrices.
     """
     takes = J.dim() == 3 and J.dtype in _FLOATS and _on_cuda(J)
+    if takes and gram_uses_cublas(J.dtype, J.shape[2], os.environ.get(GRAM_CUBLAS_ENV)):
+        return gram_cublas(J)
     if not (takes and triton_available()):
         return reference.gram(J)
     return run_triton("gram", reference.gram, J)

@@ -9,5 +9,17 @@ Triton, nothing here is collected, and the normal run never imports Triton throu
 import importlib.util
 import os
 
+import pytest
+
 if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
     collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture
+def fresh_tuning():
+    """rnf_fast.kernels.tuning with no remembered choice, before the test and after it."""
+    from rnf_fast.kernels import tuning
+
+    tuning.clear_tuned()
+    yield tuning
+    tuning.clear_tuned()
