@@ -11,7 +11,7 @@
 # --build pip|minimal|none (default pip: `pip install --no-build-isolation --no-deps -e .`, and
 # the minimal build below if that fails; minimal: only the minimal build; none: use what is
 # installed), --sections a,b,... (default all: versions, build, info, cuda_tests,
-# bench_ceilings, bench_kernels, bench_logdet, report). PYTHON picks the interpreter (default
+# bench_ceilings, bench_kernels, bench_logdet, bench_graph_cg, report). PYTHON picks the interpreter (default
 # python3).
 #
 # Every section has its own timeout, catches its own failure and records itself in
@@ -26,7 +26,7 @@ OUT=bench/results/gpu
 QUICK=0
 DEVICE=cuda
 BUILD=pip
-ALL_SECTIONS=versions,build,info,cuda_tests,bench_ceilings,bench_kernels,bench_logdet,report
+ALL_SECTIONS=versions,build,info,cuda_tests,bench_ceilings,bench_kernels,bench_logdet,bench_graph_cg,report
 SECTIONS=$ALL_SECTIONS
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -191,6 +191,7 @@ section cuda_tests "$T_TESTS" cuda_tests
 section bench_ceilings 60 bench ceilings
 section bench_kernels "$T_BENCH" bench kernels
 section bench_logdet "$T_BENCH" bench logdet
+section bench_graph_cg 90 bench graph_cg
 section report 60 "$PY" -P bench/gpu_bench.py --report "$OUT"
 rm -f "$OUT/check.jsonl"
 echo "results in $OUT (check.json, bench_*.json, summary.md, *.log)"

@@ -262,6 +262,18 @@ _TRAIN_FLAGS: list[tuple[tuple[str, ...], str, str, dict]] = [
         },
     ),
     (
+        ("--auto-calibrate",),
+        "train",
+        "auto_calibrate",
+        {
+            "action": "store_true",
+            "help": "with --method auto: choose exact or cg by timing both on the first steps "
+            "on this device, instead of the cost rule fitted on a CPU; the decisions are saved "
+            "in the checkpoint, so --resume makes the same choices (the environment variable "
+            "RNF_FAST_AUTO_CALIBRATE=1 switches it on too)",
+        },
+    ),
+    (
         ("--probes",),
         "train",
         "probes",

@@ -28,13 +28,13 @@ def test_cpu_mode_runs_every_section_and_records_each(tmp_path):
     sections = json.loads((tmp_path / "check.json").read_text())
     assert [s["section"] for s in sections] == [
         "versions", "build", "info", "cuda_tests",
-        "bench_ceilings", "bench_kernels", "bench_logdet", "report",
+        "bench_ceilings", "bench_kernels", "bench_logdet", "bench_graph_cg", "report",
     ]  # fmt: skip
     assert all(s["status"] == "ok" for s in sections), sections
     assert all((tmp_path / s["log"]).is_file() for s in sections)
     # The CUDA tests were collected (and skipped here), not silently absent.
     assert "skipped" in (tmp_path / "cuda_tests.log").read_text()
-    for name in ("ceilings", "kernels", "logdet"):
+    for name in ("ceilings", "kernels", "logdet", "graph_cg"):
         result = json.loads((tmp_path / f"bench_{name}.json").read_text())
         assert result["rows"], name
         statuses = {row.get("status", "ok") for row in result["rows"]}

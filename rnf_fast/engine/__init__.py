@@ -15,6 +15,9 @@ module             holds
 ``exact``          the exact estimator (Cholesky of JᵀJ) and its ``ExactInfo``
 ``stochastic``     the CG estimator (Hutchinson, CG, SLQ value) and its ``CGInfo``
 ``auto``           :func:`choose_method`, :func:`predicted_costs`, the measured cost model
+``calibrate``      ``method="auto"`` timed on the device (opt-in): :class:`Calibrator`, the
+                   decisions' export and import for checkpoints
+``truncation``     :class:`Roulette`: CG's randomized truncation (unbiased, fewer iterations)
 ``cg``             batched conjugate gradients with Lanczos bookkeeping
 ``probes``         :func:`make_probes`
 ``precondition``   split preconditioners M = L Lᵀ of JᵀJ
@@ -28,18 +31,25 @@ small numerical ops); below the models and training, which call :func:`logdet_gr
 
 from .api import LogdetInfo, logdet, logdet_grad
 from .auto import choose_method, predicted_costs
+from .calibrate import AutoDecision, Calibrator, calibration_state, load_calibration_state
 from .checks import SingularJacobianError
 from .options import CG, DEFAULT_CG_TOL, Exact
 from .probes import make_probes
+from .truncation import Roulette
 
 __all__ = [
+    "AutoDecision",
     "CG",
+    "Calibrator",
     "DEFAULT_CG_TOL",
     "Exact",
     "LogdetInfo",
+    "Roulette",
     "SingularJacobianError",
+    "calibration_state",
     "choose_method",
     "logdet",
+    "load_calibration_state",
     "logdet_grad",
     "make_probes",
     "predicted_costs",

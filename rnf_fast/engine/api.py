@@ -2,8 +2,9 @@
 
 Both share one argument handling: the method and its options (:mod:`.options`: the flat
 keywords mapped onto ``Exact`` and ``CG``), the checks (:mod:`.checks`), the backend and the
-linearization; then :func:`.auto.choose_method` picks a method for ``"auto"``, the
-estimator of :mod:`.exact` or :mod:`.stochastic` runs, and the value and surrogate are joined as
+linearization; then :func:`.auto.choose_method` (or, opted in, the timings of a
+:class:`.calibrate.Calibrator`) picks a method for ``"auto"``, the estimator of :mod:`.exact` or
+:mod:`.stochastic` runs, and the value and surrogate are joined as
 ``value.detach() + (S - S.detach())`` (:mod:`.estimator`).
 """
 
@@ -20,7 +21,8 @@ from torch import Tensor
 
 from ..linearize.base import Batching, linearize
 from ..ops.dispatch import Backend, get_backend, use_backend
-from .auto import choose_method
+from .auto import choose_method, predicted_costs
+from .calibrate import AutoDecision, Calibrator, Plan, calibration_key, resolve_calibrator
 from .checks import (
     OnSingular,
     SingularJacobianError,
@@ -33,10 +35,12 @@ from .checks import (
 )
 from .estimator import Context, Estimate
 from .exact import ExactInfo, estimate_exact
+from .graph_cg import check_cuda_graph
 from .options import DEFAULT_CG_TOL, Method, ResolvedOptions, resolve_options
 from .precision import CallerAutocast, accumulate_dtype, engine_region
 from .probes import ProbeKind
 from .stochastic import CGInfo, estimate_cg
+from .truncation import Roulette
 
 __all__ = [
     "DEFAULT_CG_TOL",
@@ -73,11 +77,17 @@ class LogdetInfo:
         unused_options: the options set for the method that did not run: those of CG when
             ``method="auto"`` picked exact (or a ``generator`` given to the exact method),
             ``chunk_size`` when it picked CG.
+        auto_decision: how ``method="auto"`` chose (None for another method): an
+            :class:`~rnf_fast.engine.calibrate.AutoDecision` whose ``source`` is ``"model"``
+            (the fitted cost model; ``exact_ms``/``cg_ms`` its predictions),
+            ``"calibrating"`` (a timed call of a key being calibrated) or ``"calibrated"``
+            (``exact_ms``/``cg_ms`` the measured medians); see ``auto_calibrate`` of
+            :func:`logdet_grad`.
         exact: the exact path's report (:class:`~rnf_fast.engine.exact.ExactInfo`: ``gram``,
             ``jitter``, ``chunk_size``), or None.
         cg: the CG path's report (:class:`~rnf_fast.engine.stochastic.CGInfo`: ``matvecs``,
-            ``iterations``, ``residuals``, ``converged``, ``preconditioner``, ``solution``), or
-            None.
+            ``iterations``, ``residuals``, ``converged``, ``preconditioner``, ``solution``,
+            ``graph``: how a CUDA-graph solve ran, or why it did not), or None.
         output: (B, D) decoder(z) with its graph, where the linearization ran the decoder with
             grad enabled and kept it (the explicit linearizations of ``nn.Sequential`` MLPs and
             of the flow decoders do; its graph is the one the log det's gradient flows
@@ -96,6 +106,7 @@ class LogdetInfo:
     value_available: bool = True
     value_unavailable_reason: str | None = None
     unused_options: tuple[str, ...] = ()
+    auto_decision: AutoDecision | None = None
     exact: ExactInfo | None = None
     cg: CGInfo | None = None
     output: Tensor | None = None
@@ -111,19 +122,24 @@ def _run(
     linalg_dtype: torch.dtype | None,
     batching: Batching,
     on_singular: OnSingular,
+    auto_calibrate: bool | Calibrator | None = None,
 ) -> tuple[Tensor, LogdetInfo]:
     """The shared body of :func:`logdet_grad` and :func:`logdet`: checks, method choice, the
     estimator, and the value joined with the surrogate's gradient."""
     z = check_z(z)
     check_decoder(decoder, z)
     options = resolve_options(method, flat)
+    calibrator = resolve_calibrator(auto_calibrate, method)
     check_on_singular(on_singular)
     if options.cg is not None:
         check_cg_against(options.cg, z)
+        check_cuda_graph(options.cg.cuda_graph, z)
     ldtype = linalg_dtype_for(z, linalg_dtype)
     backend_name, ops = get_backend(backend, z.device)
     try:
-        return _estimate(decoder, z, options, backend_name, ops, ldtype, batching, on_singular)
+        return _estimate(
+            decoder, z, options, backend_name, ops, ldtype, batching, on_singular, calibrator
+        )
     except (SingularJacobianError, Warning):
         raise
     except Exception as error:
@@ -142,12 +158,26 @@ def _estimate(
     ldtype: torch.dtype,
     batching: Batching,
     on_singular: OnSingular,
+    calibrator: Calibrator | None,
 ) -> tuple[Tensor, LogdetInfo]:
     """The linearization, the method choice and the estimator of :func:`_run`."""
     B, d = z.shape
     # The decoder's products run under the caller's autocast (if any); the engine's own
     # arithmetic (Gram, Cholesky, CG, SLQ, the surrogate's sums) never does: see .precision.
     caller = CallerAutocast.capture(z.device.type)
+    plan: Plan | None = None
+    if calibrator is not None:
+        # Planned (and, while the key calibrates, timed) from before the linearization on: the
+        # decoder's primal is part of either method's cost.
+        key = calibration_key(
+            decoder,
+            z,
+            options,
+            batching=batching,
+            grad=torch.is_grad_enabled(),
+            autocast=caller.applies_to(z.dtype),
+        )
+        plan = calibrator.plan(key, z.device)
     # The linearizations' matvec ops follow the resolved backend: the Triton kernels run only
     # under "triton" and "cupy" (whose base it is); "torch" and "cpp" mean no Triton anywhere.
     with use_backend(backend_name), engine_region(z.device.type):
@@ -155,9 +185,7 @@ def _estimate(
             inner = linearize(decoder, z, batching=batching)
         lin = caller.wrap(inner)
         path = getattr(inner, "path", "generic")
-        chosen = options.method
-        if chosen == "auto":
-            chosen = choose_method(d, options.cg.K, path=path)
+        chosen, decision = _choose(options, d, path, plan)
         ctx = Context(
             decoder=decoder,
             lin=lin,
@@ -189,15 +217,30 @@ def _estimate(
             value_available=estimate.value_unavailable_reason is None,
             value_unavailable_reason=estimate.value_unavailable_reason,
             unused_options=options.unused(chosen),
+            auto_decision=decision,
             exact=part if chosen == "exact" else None,
             cg=part if chosen == "cg" else None,
             output=getattr(lin, "output", None),
         )
         value = estimate.value.to(accumulate_dtype(z.dtype))
         S = estimate.surrogate
-        if S is None or not S.requires_grad:
-            return value, info
-        return value + (S - S.detach()).to(value.dtype), info
+        if S is not None and S.requires_grad:
+            value = value + (S - S.detach()).to(value.dtype)
+        if plan is not None:
+            plan.finish(value)
+        return value, info
+
+
+def _choose(
+    options: ResolvedOptions, d: int, path: str, plan: Plan | None
+) -> tuple[Literal["exact", "cg"], AutoDecision | None]:
+    """The method a call runs, and how ``"auto"`` chose it (None for a given method)."""
+    if options.method != "auto":
+        return options.method, None
+    if plan is not None:
+        return plan.method, plan.decision
+    exact_ms, cg_ms = predicted_costs(d, options.cg.K, path=path)
+    return choose_method(d, options.cg.K, path=path), AutoDecision("model", exact_ms, cg_ms)
 
 
 def _eager_only(fn: Callable) -> Callable:
@@ -237,11 +280,14 @@ def logdet_grad(
     fixed_iterations: bool = False,
     preconditioner: str | Tensor | None = None,
     x0: Tensor | None = None,
+    truncation: Roulette | None = None,
+    cuda_graph: bool | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
     linalg_dtype: torch.dtype | None = None,
     batching: Batching = "auto",
     on_singular: OnSingular = "jitter",
+    auto_calibrate: bool | Calibrator | None = None,
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, LogdetInfo]:
     """log det(JᵀJ) per sample, with the gradient of log det(JᵀJ) attached.
@@ -288,8 +334,9 @@ def logdet_grad(
             under the measured cost rule of :func:`rnf_fast.choose_method`, with K from
             ``probes``). A method's options live in its object: ``CG(probes=4, tol=1e-3)``,
             ``Exact(chunk_size=8)``.
-        probes, probe_kind, generator, tol, max_iter, fixed_iterations, preconditioner, x0:
-            the fields of :class:`~rnf_fast.CG` as flat keywords (see it for each).
+        probes, probe_kind, generator, tol, max_iter, fixed_iterations, preconditioner, x0,
+            truncation, cuda_graph: the fields of :class:`~rnf_fast.CG` as flat keywords (see
+            it for each).
         chunk_size: the field of :class:`~rnf_fast.Exact`, as a flat keyword.
         backend: backend of the small ops (:func:`rnf_fast.available_backends`); default: the
             ``use_backend`` setting, else the fastest available for z's device. The Triton
@@ -319,6 +366,17 @@ def logdet_grad(
             ``"raise"``: raise :class:`SingularJacobianError` (no jitter). ``"nan"``: NaN for
             every flagged sample and a warning (no jitter). Samples with a NaN value contribute
             no gradient (exact path). ``LogdetInfo.singular`` marks the flagged samples.
+        auto_calibrate: ``method="auto"`` decided by timing both methods on this device
+            (:mod:`rnf_fast.engine.calibrate`) instead of the fitted CPU cost model: the first
+            calls for a key (the decoder's parameter shapes, B, d, K, z's dtype and device, ...)
+            run exact and CG in turn, each timed with its backward; then the faster one runs.
+            None (default): off, unless the environment variable
+            ``RNF_FAST_AUTO_CALIBRATE=1`` (read at each call) switches it on; False: off; True:
+            on, with the process-wide decisions (``calibration_state()`` of
+            :mod:`rnf_fast.engine.calibrate` exports them, ``load_calibration_state`` restores
+            them); a :class:`~rnf_fast.engine.calibrate.Calibrator`: on, with its decisions.
+            With another method than ``"auto"``, True or a calibrator is a ``ValueError``.
+            ``LogdetInfo.auto_decision`` says how each call chose.
         return_info: also return a :class:`LogdetInfo`.
 
     A flat keyword left at its default is not set. One that is set must apply: an option of
@@ -370,6 +428,8 @@ def logdet_grad(
         "fixed_iterations": fixed_iterations,
         "preconditioner": preconditioner,
         "x0": x0,
+        "truncation": truncation,
+        "cuda_graph": cuda_graph,
     }
     value, info = _run(
         decoder,
@@ -380,6 +440,7 @@ def logdet_grad(
         linalg_dtype=linalg_dtype,
         batching=batching,
         on_singular=on_singular,
+        auto_calibrate=auto_calibrate,
     )
     return (value, info) if return_info else value
 
@@ -397,11 +458,14 @@ def logdet(
     fixed_iterations: bool = False,
     preconditioner: str | Tensor | None = None,
     x0: Tensor | None = None,
+    truncation: Roulette | None = None,
+    cuda_graph: bool | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
     linalg_dtype: torch.dtype | None = None,
     batching: Batching = "auto",
     on_singular: OnSingular = "jitter",
+    auto_calibrate: bool | Calibrator | None = None,
 ) -> Tensor:
     """log det(JᵀJ) per sample, value only (no graph), for evaluation.
 
@@ -431,9 +495,12 @@ def logdet(
             fixed_iterations=fixed_iterations,
             preconditioner=preconditioner,
             x0=x0,
+            truncation=truncation,
+            cuda_graph=cuda_graph,
             chunk_size=chunk_size,
             backend=backend,
             linalg_dtype=linalg_dtype,
             batching=batching,
             on_singular=on_singular,
+            auto_calibrate=auto_calibrate,
         )

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .precondition import check_preconditioner
 from .probes import PROBE_KINDS, ProbeKind
+from .truncation import Roulette
 
 __all__ = [
     "CG",
@@ -126,6 +127,18 @@ class CG(_Options):
         x0: (B, K, d) initial guess of u_k = A⁻¹ v_k (v_k = L ε_k with a preconditioner), e.g.
             ``LogdetInfo.cg.solution`` of an earlier call with the same probes; the value is
             then unavailable (NaN, see ``LogdetInfo.value_available``).
+        truncation: None (default: CG stops at ``tol`` or ``max_iter``), or a
+            :class:`~rnf_fast.engine.truncation.Roulette`: the number of iterations is drawn at
+            random (from ``generator`` if given) and the steps reweighted, so the gradient is
+            an unbiased estimate of the one untruncated CG gives, at fewer iterations on
+            average and a larger variance (:mod:`rnf_fast.engine.truncation`).
+        cuda_graph: run the solve as one CUDA graph, captured once per shape and replayed by
+            later calls (:mod:`rnf_fast.engine.graph_cg`); it implies ``fixed_iterations``.
+            None (default): on where ``RNF_FAST_CG_GRAPH=1`` is set (read at each call) and z
+            is on a CUDA device, else off; True for a z off CUDA is a ``ValueError``. Off by
+            default until measured on a GPU. A call the graph cannot serve (autocast, a
+            truncation, a generic linearization, a failed capture) runs the eager solve;
+            ``LogdetInfo.cg.graph`` says which ran, and why.
 
     Example:
         >>> from rnf_fast import CG
@@ -145,6 +158,8 @@ class CG(_Options):
     fixed_iterations: bool = False
     preconditioner: str | Tensor | None = None
     x0: Tensor | None = None
+    truncation: Roulette | None = None
+    cuda_graph: bool | None = None
 
     def __post_init__(self) -> None:
         probes = self.probes
@@ -158,8 +173,11 @@ class CG(_Options):
                     f"probe_kind applies to drawn probes, but probes is a tensor; got "
                     f"probe_kind={self.probe_kind!r}"
                 )
-            if self.generator is not None:
-                raise ValueError("generator applies to drawn probes, but probes is a tensor")
+            if self.generator is not None and self.truncation is None:
+                raise ValueError(
+                    "generator applies to drawn probes (or a truncation's draw), but probes is "
+                    "a tensor and truncation is None"
+                )
         else:
             _check_positive_int("probes", probes)
         if self.probe_kind not in PROBE_KINDS:
@@ -177,8 +195,14 @@ class CG(_Options):
         if not isinstance(self.fixed_iterations, bool):
             raise TypeError(f"fixed_iterations must be a bool, got {self.fixed_iterations!r}")
         check_preconditioner(self.preconditioner)
+        if self.truncation is not None and not isinstance(self.truncation, Roulette):
+            raise TypeError(
+                f"truncation must be None or a Roulette, got {type(self.truncation).__name__}"
+            )
         if self.x0 is not None and not isinstance(self.x0, Tensor):
             raise TypeError(f"x0 must be None or a (B, K, d) tensor, got {type(self.x0).__name__}")
+        if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be None or a bool, got {self.cuda_graph!r}")
 
     @property
     def K(self) -> int:

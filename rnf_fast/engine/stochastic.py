@@ -10,6 +10,7 @@ start; a warm start (y0 = Lᵀ x0) leaves it unavailable (NaN).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from .checks import (
     warn_at_caller,
 )
 from .estimator import Context, Estimate, tangent_inner
+from .graph_cg import GraphedCG, ReplayedProduct, requested, solve_graphed
 from .options import CG
 from .precision import lowest_precision
 from .precondition import Preconditioner, build_preconditioner
@@ -55,7 +57,12 @@ class CGInfo:
         preconditioner: ``"jacobi"``, ``"batch"``, ``"given"`` or None.
         solution: (B, K, d) the solutions u_k = A⁻¹ v_k, v_k = L ε_k (v_k = ε_k without a
             preconditioner), in the linalg dtype: a warm start ``x0`` for a later call with the
-            same probes and preconditioner.
+            same probes and preconditioner. With a truncation, CG's own (unweighted) iterate.
+        truncated_at: the number of iterations a truncation drew (``CG(truncation=...)``), or
+            None.
+        graph: how the solve ran where a CUDA graph was asked for (``CG(cuda_graph=...)`` or
+            ``RNF_FAST_CG_GRAPH=1``): ``"captured"``, ``"replayed"`` or ``"eager: <reason>"``
+            (:mod:`rnf_fast.engine.graph_cg`); None where it was not.
     """
 
     matvecs: int
@@ -64,6 +71,8 @@ class CGInfo:
     converged: Tensor
     preconditioner: str | None
     solution: Tensor
+    truncated_at: int | None = None
+    graph: str | None = None
 
 
 class _SplitGramProduct:
@@ -147,6 +156,17 @@ class _SplitGramProduct:
         return self.lin.lift(image) if self.lifted else image
 
 
+def _reweighted(step: Callable[[Tensor], None], weights: Tensor, warm: bool):
+    """``step`` with the i-th CG step's α scaled by weights[i] (a truncation's 1 / P(J >= i));
+    a warm start's first call (the step to x0) keeps weight 1."""
+    calls = iter([1.0] * warm + weights.tolist())
+
+    def weighted(alpha: Tensor) -> None:
+        step(alpha * next(calls))
+
+    return weighted
+
+
 def _draw_probes(options: CG, z: Tensor) -> Tensor:
     """The (B, K, d) probes in z's dtype: the given tensor, or drawn."""
     if isinstance(options.probes, Tensor):
@@ -189,7 +209,9 @@ def _singular_systems(res: CGResult, dtype: torch.dtype) -> tuple[Tensor, Tensor
     return res.breakdown, _ritz_ratio(res) < ritz_floor(dtype)
 
 
-def _check_jacobian_nonzero(product: _SplitGramProduct, lin: Linearization, z: Tensor) -> None:
+def _check_jacobian_nonzero(
+    product: _SplitGramProduct | ReplayedProduct, lin: Linearization, z: Tensor
+) -> None:
     """J = 0 at every sample is an error. The first products J p are all zero then; only in that
     case are the d basis directions pushed to tell it from probes that J happens to annihilate."""
     if product.first_image_zero is None or not bool(product.first_image_zero):
@@ -197,6 +219,70 @@ def _check_jacobian_nonzero(product: _SplitGramProduct, lin: Linearization, z: T
     B, d = z.shape
     basis = torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)
     check_jacobian_nonzero(not bool(lin.jvp(basis).any()))
+
+
+def _solve(
+    lin: Linearization,
+    z: Tensor,
+    prec: Preconditioner | None,
+    b: Tensor,
+    y0: Tensor | None,
+    *,
+    K: int,
+    dtype: torch.dtype,
+    autocast: torch.dtype | None,
+    tol: float,
+    max_iter: int,
+    backend: str,
+) -> tuple[CGResult, _SplitGramProduct]:
+    """The fixed-iteration solve with its running image J u: what a CUDA graph captures."""
+    product = _SplitGramProduct(lin, z, prec, K, dtype, autocast)
+    res = batched_cg(
+        product,
+        b,
+        tol=tol,
+        max_iter=max_iter,
+        fixed_iterations=True,
+        backend=backend,
+        on_step=product.step,
+        x0=y0,
+    )
+    return res, product
+
+
+def _solve_graphed(
+    options: CG,
+    ctx: Context,
+    prec: Preconditioner | None,
+    b: Tensor,
+    y0: Tensor | None,
+    K: int,
+    max_iter: int,
+) -> GraphedCG | None:
+    """The solve through a CUDA graph (:mod:`.graph_cg`) where the call asks for one, else
+    None; a :class:`GraphedCG` without a result where the graph cannot serve the call."""
+    if not requested(options.cuda_graph, ctx.z):
+        return None
+    solve = functools.partial(
+        _solve,
+        K=K,
+        dtype=ctx.linalg_dtype,
+        autocast=ctx.autocast,
+        tol=float(options.tol),
+        max_iter=max_iter,
+        backend=ctx.backend,
+    )
+    return solve_graphed(
+        solve,
+        ctx.lin,
+        ctx.z,
+        prec,
+        b,
+        y0,
+        settings=tuple(solve.keywords.items()),
+        autocast=ctx.autocast,
+        truncation=options.truncation is not None,
+    )
 
 
 def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
@@ -229,16 +315,25 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
     if options.x0 is not None:
         x0 = options.x0.to(ldtype)
         y0 = (x0 if prec is None else prec.apply_LT(x0)).reshape(B * K, d)
-    res = batched_cg(
-        product,
-        eps.reshape(B * K, d),
-        tol=float(options.tol),
-        max_iter=d if options.max_iter is None else options.max_iter,
-        fixed_iterations=options.fixed_iterations,
-        backend=ctx.backend,
-        on_step=product.step,
-        x0=y0,
-    )
+    max_iter = cap = d if options.max_iter is None else options.max_iter
+    on_step, truncated_at = product.step, None
+    if options.truncation is not None:
+        truncated_at, weights = options.truncation.draw(max_iter, options.generator)
+        max_iter, on_step = truncated_at, _reweighted(product.step, weights, y0 is not None)
+    graphed = _solve_graphed(options, ctx, prec, eps.reshape(B * K, d), y0, K, max_iter)
+    if graphed is not None and graphed.result is not None:
+        res, product = graphed.result, graphed.product
+    else:
+        res = batched_cg(
+            product,
+            eps.reshape(B * K, d),
+            tol=float(options.tol),
+            max_iter=max_iter,
+            fixed_iterations=options.fixed_iterations,
+            backend=ctx.backend,
+            on_step=on_step,
+            x0=y0,
+        )
     check_output(lin.out, z, ctx.autocast)
     _check_jacobian_nonzero(product, lin, z)
     # The products' precision: z's dtype, the output's and the caller's autocast dtype.
@@ -251,6 +346,8 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
         converged=res.converged.view(B, K),
         preconditioner=None if prec is None else prec.kind,
         solution=Y if prec is None else prec.solve_LT(Y),
+        truncated_at=truncated_at,
+        graph=None if graphed is None else graphed.status,
     )
     broken, other = _singular_systems(res, precision)
     reason = None
@@ -266,7 +363,10 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
     singular = broken | other.view(B, K).any(1)
     nan = singular if ctx.on_singular == "nan" else broken
     report_singular(singular, ctx.on_singular, "CG", dtype=precision, nan=nan)
-    if not bool((info.converged | singular[:, None]).all()):
+    # A truncation that stopped before the cap stopped on purpose (its reweighting removes the
+    # bias); one that reached the cap is biased like plain CG there.
+    cut = truncated_at is not None and truncated_at < cap
+    if not cut and not bool((info.converged | singular[:, None]).all()):
         warn_at_caller(
             "CG reached max_iter before the tolerance for some systems; the gradient estimate "
             "is biased there (see LogdetInfo.cg.residuals with return_info=True)"

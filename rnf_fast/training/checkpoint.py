@@ -3,9 +3,10 @@
 A checkpoint holds the model's config and state (ActNorm initialisation included), the
 optimisers' states, the :class:`TrainState` (epochs done, best validation loss, early-stopping
 counter, non-finite step counters, the session, the learning-rate schedule segment, the
-per-epoch history) and the global torch RNG states. It is written atomically and read with
-``torch.load(weights_only=True)``. Checkpoints written before ``session`` and ``lr_segment``
-existed load with session 0 and the schedule of their saved training options.
+calibrated decisions of ``method="auto"``, the per-epoch history) and the global torch RNG
+states. It is written atomically and read with ``torch.load(weights_only=True)``. Checkpoints
+written before ``session``, ``lr_segment`` and ``auto_calibration`` existed load with session 0,
+the schedule of their saved training options and no calibrated decisions.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class TrainState:
             ``{"start", "factor", "epochs", "schedule", "min_factor"}`` (the schedule begins
             at ``factor`` · lr at epoch ``start``; see ``lr_schedule`` of
             :class:`~rnf_fast.training.TrainConfig`); None before the run starts.
+        auto_calibration: the decisions of ``method="auto"`` timed on the device
+            (:meth:`rnf_fast.engine.calibrate.Calibrator.state_dict`) when the run calibrates
+            (``auto_calibrate``), so that a resumed run makes the same choices; else None.
         history: one metrics record per completed epoch (what ``metrics.jsonl`` holds).
     """
 
@@ -55,6 +59,7 @@ class TrainState:
     stopped_early: bool = False
     session: int = 0
     lr_segment: dict[str, Any] | None = None
+    auto_calibration: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
+    "all_gather_object",
     "all_reduce_sum",
     "backend_for",
     "barrier",
@@ -114,6 +115,16 @@ def broadcast_object(value: object, *, src: int = 0) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(value: object) -> list[object]:
+    """Every rank's ``value`` (any picklable object), in rank order (``[value]`` alone)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [value]
+    out: list[object] = [None] * world
+    dist.all_gather_object(out, value)
+    return out
 
 
 def wrap(

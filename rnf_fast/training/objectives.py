@@ -19,8 +19,9 @@ when none is left), and it passes no gradient. Every mean in ``parts`` is over t
 
 Every loss returns ``(loss, parts)``: the scalar to minimise and a dict of detached scalars for
 logging: ``loss``, ``recon`` (mean ‖x - g(g†(x))‖²), and where computed ``log_pz``
-(mean log p_Z(z)), ``logdet`` (mean log det JᵀJ), ``nll`` (mean -log p(x)) and ``singular``
-(the number of samples dropped as singular).
+(mean log p_Z(z)), ``logdet`` (mean log det JᵀJ), ``nll`` (mean -log p(x)), ``singular``
+(the number of samples dropped as singular) and, when CG ran, ``cg_matvecs`` (its batched JᵀJ
+products in this step; ``train_cg_matvecs`` in the training metrics is their mean per step).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.api import DEFAULT_CG_TOL, Method, logdet_grad
+from ..engine.calibrate import Calibrator
+from ..engine.truncation import Roulette
 from ..models import RectangularFlow
 
 __all__ = ["OBJECTIVES", "TS_PHASES", "Objective", "ml_loss", "ts_loss"]
@@ -59,6 +62,9 @@ def ml_loss(
     generator: torch.Generator | None = None,
     tol: float = DEFAULT_CG_TOL,
     chunk_size: int | None = None,
+    max_iter: int | None = None,
+    truncation: Roulette | None = None,
+    auto_calibrate: bool | Calibrator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The ML loss -mean[w · log p(x) - β ‖x - g(g†(x))‖²] and its parts.
 
@@ -68,8 +74,10 @@ def ml_loss(
         weight: w, the likelihood weight; at 0 neither log p_Z nor the log det is computed.
         beta: β, the weight of the reconstruction penalty.
         with_logdet: include -½ log det(JᵀJ) in log p (False: the ML-without-log-det baseline).
-        method, probes, probe_kind, generator, tol, chunk_size: of
+        method, probes, probe_kind, generator, tol, chunk_size, max_iter, truncation: of
             :func:`rnf_fast.logdet_grad`.
+        auto_calibrate: of :func:`rnf_fast.logdet_grad` (the trainer passes its run's
+            :class:`~rnf_fast.engine.calibrate.Calibrator`, or False).
 
     Samples whose JᵀJ is numerically singular are dropped from every term and mean (see the
     module docstring); ``parts["singular"]`` counts them. The engine's warning about them is
@@ -100,7 +108,10 @@ def ml_loss(
                 probe_kind=probe_kind,
                 generator=generator,
                 tol=tol,
+                max_iter=max_iter,
+                truncation=truncation,
                 chunk_size=chunk_size,
+                auto_calibrate=auto_calibrate,
                 on_singular="nan",
                 return_info=True,
             )
@@ -120,6 +131,8 @@ def ml_loss(
             parts["logdet"] = _mean(ld, keep).detach()
             parts["nll"] = -_mean(log_p, keep).detach()
             parts["singular"] = singular.sum()
+            if info.cg is not None:
+                parts["cg_matvecs"] = torch.tensor(float(info.cg.matvecs))
         loss = loss - weight * _mean(log_p, keep)
     parts["loss"] = loss.detach()
     return loss, parts
@@ -178,8 +191,10 @@ class Objective(nn.Module):
         model: the rectangular flow.
         kind: ``"ml"``, ``"ts"`` or ``"ml-no-logdet"``.
         beta: β of the reconstruction penalty.
-        method, probes, probe_kind, tol, chunk_size: of :func:`rnf_fast.logdet_grad` (ML
-            only).
+        method, probes, probe_kind, tol, chunk_size, max_iter, truncation: of
+            :func:`rnf_fast.logdet_grad` (ML only).
+        auto_calibrate: of :func:`rnf_fast.logdet_grad` (ML only; the trainer sets it to its
+            run's calibrator, or False).
     """
 
     def __init__(
@@ -193,6 +208,9 @@ class Objective(nn.Module):
         probe_kind: str = "rademacher",
         tol: float = DEFAULT_CG_TOL,
         chunk_size: int | None = None,
+        max_iter: int | None = None,
+        truncation: Roulette | None = None,
+        auto_calibrate: bool | Calibrator | None = None,
     ) -> None:
         super().__init__()
         if kind not in OBJECTIVES:
@@ -207,6 +225,9 @@ class Objective(nn.Module):
         self.probe_kind = probe_kind
         self.tol = tol
         self.chunk_size = chunk_size
+        self.auto_calibrate = auto_calibrate
+        self.max_iter = max_iter
+        self.truncation = truncation
 
     def forward(
         self,
@@ -243,4 +264,7 @@ class Objective(nn.Module):
             generator=generator,
             tol=self.tol,
             chunk_size=self.chunk_size,
+            auto_calibrate=self.auto_calibrate,
+            max_iter=self.max_iter,
+            truncation=self.truncation,
         )

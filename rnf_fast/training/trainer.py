@@ -17,6 +17,9 @@ bit for bit the uninterrupted one. A resume may extend (or cut) ``epochs``: the 
 schedule then continues from the value it had reached, without a jump (see ``lr_schedule`` of
 :class:`TrainConfig`). Each resume that trains starts a new *session*: every epoch record
 carries ``session``, 0 for the original run and +1 per resume, so plots can mark the resumes.
+With ``auto_calibrate`` (``method="auto"`` timed on the device), the checkpoint holds the
+decisions and the timings under way, and a resumed run goes on with them: it makes the same
+choices without timing again.
 
 Singular samples: in the ML objective a sample whose JᵀJ is numerically singular (the decoder's
 Jacobian rank deficient to the precision of the model's dtype, as
@@ -48,8 +51,10 @@ from tqdm.auto import tqdm
 
 from ..checks import check_rows
 from ..engine.api import DEFAULT_CG_TOL
+from ..engine.calibrate import Calibrator, calibration_requested, merge_calibration_states
 from ..engine.checks import warn_at_caller
 from ..engine.probes import PROBE_KINDS
+from ..engine.truncation import Roulette
 from ..models import RectangularFlow, load_payload, load_state
 from ..models.rectangular import MODEL_FORMAT, MODEL_VERSION, SINGULAR_WARNING
 from . import distributed
@@ -71,6 +76,16 @@ class TrainConfig:
         method, probes, probe_kind, cg_tol, chunk_size: of the log-det gradient
             (``rnf_fast.logdet_grad``)
             in training; validation always uses the exact log det.
+        auto_calibrate: with ``method="auto"``, choose between exact and CG by timing both on
+            the first steps of each batch shape (:mod:`rnf_fast.engine.calibrate`) instead of
+            by the fitted CPU cost model. The decisions are saved in every checkpoint, so a
+            resumed run makes the same choices without timing again. The environment variable
+            ``RNF_FAST_AUTO_CALIBRATE=1``, read when the run starts, switches it on too. With
+            another method it is a ``ValueError``.
+        cg_max_iter: CG's iteration cap (None: d).
+        cg_truncation: None, or ``{"min_iter": m, "continue_prob": q}``: CG's randomized
+            truncation (:class:`rnf_fast.engine.truncation.Roulette`), drawn from the probes'
+            generator.
         beta: β, the weight of the reconstruction penalty.
         warmup_start, warmup_end: the likelihood weight w is 0 up to epoch ``warmup_start``,
             rises linearly (per step) to 1 at epoch ``warmup_end``, and is 1 after. While w is
@@ -111,9 +126,12 @@ class TrainConfig:
 
     objective: str = "ml"
     method: str = "auto"
+    auto_calibrate: bool = False
     probes: int = 1
     probe_kind: str = "rademacher"
     cg_tol: float = DEFAULT_CG_TOL
+    cg_max_iter: int | None = None
+    cg_truncation: dict | None = None
     chunk_size: int | None = None
     beta: float = 50.0
     warmup_start: int = 0
@@ -140,6 +158,12 @@ class TrainConfig:
             raise ValueError(f"probe_kind must be one of {PROBE_KINDS}, got {self.probe_kind!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.auto_calibrate, bool):
+            raise ValueError(f"auto_calibrate must be True or False, got {self.auto_calibrate!r}")
+        if self.auto_calibrate and self.method != "auto":
+            raise ValueError(
+                f"auto_calibrate applies to method='auto' only, got method={self.method!r}"
+            )
         if not (isinstance(self.progress, bool) or self.progress == "epochs"):
             raise ValueError(f"progress must be True, False or 'epochs', got {self.progress!r}")
         for name in ("probes", "epochs", "batch_size", "max_nonfinite", "init_samples"):
@@ -151,7 +175,19 @@ class TrainConfig:
             raise ValueError(
                 f"warmup_end must be >= warmup_start = {self.warmup_start}, got {self.warmup_end}"
             )
-        for name, value in (("patience", self.patience), ("chunk_size", self.chunk_size)):
+        if self.cg_truncation is not None:
+            try:
+                Roulette(**self.cg_truncation)
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"cg_truncation must be None or {{'min_iter': m, 'continue_prob': q}} "
+                    f"(m >= 1, 0 < q < 1), got {self.cg_truncation!r}: {err}"
+                ) from err
+        for name, value in (
+            ("patience", self.patience),
+            ("chunk_size", self.chunk_size),
+            ("cg_max_iter", self.cg_max_iter),
+        ):
             if value is not None:
                 _check_int(name, value, low=1)
         for name, value in (("lr", self.lr), ("cg_tol", self.cg_tol), ("clip", self.clip)):
@@ -341,6 +377,8 @@ class _Run:
             self.optimizers = {"model": Adam(model.parameters(), lr=config.lr)}
         self.state = TrainState()
         self.epoch_samples = 0  # training samples in each epoch's batches (set by epoch())
+        self.calibrator = Calibrator()  # the run's method="auto" decisions (auto_calibrate)
+        self.calibrating = False  # set by start()
         self.runner: torch.nn.Module = Objective(
             model,
             kind=config.objective,
@@ -349,6 +387,8 @@ class _Run:
             probes=config.probes,
             probe_kind=config.probe_kind,
             tol=config.cg_tol,
+            max_iter=config.cg_max_iter,
+            truncation=None if config.cg_truncation is None else Roulette(**config.cg_truncation),
             chunk_size=config.chunk_size,
         )
 
@@ -397,11 +437,27 @@ class _Run:
         if self.main:
             lines = "".join(json.dumps(r) + "\n" for r in self.state.history)
             (self.run_dir / "metrics.jsonl").write_text(lines)
+        self.start_calibration()
         config = self.config
         partial = config.objective == "ts" or config.warmup_end > 0
         self.runner = distributed.wrap(
             self.runner, device=self.device, find_unused_parameters=partial
         )
+
+    def start_calibration(self) -> None:
+        """Switch the run's calibrator on (``auto_calibrate``, the environment switch, or
+        decisions saved by the run being resumed), loading the saved decisions."""
+        config, saved = self.config, self.state.auto_calibration
+        if saved is not None:
+            self.calibrator.load_state_dict(saved)
+        on = (
+            config.method == "auto"
+            and config.objective == "ml"
+            and (config.auto_calibrate or saved is not None or calibration_requested())
+        )
+        # Rank 0's setting on every rank: finish_epoch gathers the ranks' decisions.
+        self.calibrating = bool(distributed.broadcast_object(on))
+        self.runner.auto_calibrate = self.calibrator if self.calibrating else False
 
     def phase(self, epoch: int) -> str | None:
         if self.config.objective != "ts":
@@ -460,7 +516,8 @@ class _Run:
             torch.nn.utils.clip_grads_with_norm_(params, self.config.clip, norm)
         for name in names:
             self.optimizers[name].step()
-        return {key: value * share for key, value in parts.items()}, singular
+        # A count per step, not a mean over samples: not weighted by the rank's share.
+        return {k: v if k == "cg_matvecs" else v * share for k, v in parts.items()}, singular
 
     def epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch; returns its train metrics."""
@@ -593,6 +650,13 @@ class _Run:
         record = _jsonable(record)
         state.history.append(record)
         state.epoch = epoch + 1
+        if self.calibrating:
+            # Each rank times its own calls: the decisions merged (rank 0's first) go on in
+            # every rank and into the checkpoint.
+            states = distributed.all_gather_object(self.calibrator.state_dict())
+            state.auto_calibration = merge_calibration_states(states)
+            if self.world > 1:
+                self.calibrator.load_state_dict(state.auto_calibration)
         if self.main:
             if improved:
                 self.model.save(self.run_dir / "best.pt")

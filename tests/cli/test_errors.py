@@ -65,6 +65,10 @@ def test_bad_inputs_are_usage_errors_and_write_nothing(tmp_path, tiny_config, ca
         (["--dataset", "npy", "--root", str(empty)], f"{empty}: the file is empty"),
         (["--dataset", "csv", "--root", str(array)], f"{array}: not a text .csv file"),
         (["--config", str(tmp_path / "missing.toml")], "missing.toml does not exist"),
+        (
+            ["--method", "exact", "--auto-calibrate"],
+            "auto_calibrate applies to method='auto' only, got method='exact'",
+        ),
     ]
     for flags, message in cases:
         line = usage_error(["train", *flags, "--run-dir", str(run)], capsys)

@@ -173,6 +173,25 @@ def test_resume_with_run_dir_and_resume_alone(files, tmp_path, capsys):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_auto_calibrate_timings_are_saved_and_resumed(files, tmp_path, capsys):
+    """--auto-calibrate: config.json keeps it, the checkpoint the timings per batch shape (160
+    training rows in batches of 64: 2 steps of B = 64 and one of B = 32 an epoch, too few to
+    decide), and a resume goes on from them (started afresh, it would count 2 calls of B = 64,
+    not 6)."""
+    run = tmp_path / "run"
+    assert main(train_files(files, run, "--method", "auto", "--auto-calibrate")) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["auto_calibrate"] is True
+
+    def calls() -> dict[str, int]:
+        state = torch.load(run / "checkpoint.pt", weights_only=True)["state"]
+        entries = state["auto_calibration"]["entries"]
+        return {key.split("/")[1]: entry["calls"] for key, entry in entries.items()}
+
+    assert calls() == {"B=64": 4, "B=32": 2}
+    assert main(["train", "--run-dir", str(run), "--resume", "--epochs", "3"]) == 0
+    assert calls() == {"B=64": 6, "B=32": 3}
+
+
 def test_failed_resume_changes_nothing(files, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(train_files(files, run)) == 0
@@ -182,6 +201,8 @@ def test_failed_resume_changes_nothing(files, tmp_path, capsys):
     line = usage_error([*resume, "--lr", "0.5", "--f-layers", "3"], capsys)
     assert "these differ: --f-layers (3, saved 1); --lr (0.5, saved 0.0003)" in line
     assert "only --epochs, --patience, --no-progress" in line
+    line = usage_error([*resume, "--auto-calibrate"], capsys)
+    assert "these differ: --auto-calibrate (True, saved None)" in line
     line = usage_error([*resume, "--epochs", "1"], capsys)
     assert "epochs = 1 (--epochs) is fewer than the 2 epochs" in line
     line = usage_error([*resume, "--dataset", "vonmises"], capsys)

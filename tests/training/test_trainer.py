@@ -12,6 +12,7 @@ import torch
 
 import rnf_fast.models.serialization as serialization
 import rnf_fast.training.trainer as trainer
+from rnf_fast.engine import api, calibrate
 from rnf_fast.models import CheckpointError, FlowConfig, RectangularFlow
 from rnf_fast.training import Objective, TrainConfig, likelihood_weight, train
 from rnf_fast.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
@@ -140,17 +141,87 @@ def test_an_interrupted_cosine_run_extended_decays_from_where_it_stopped(tmp_pat
 
 
 def test_a_checkpoint_without_session_or_schedule_resumes(tmp_path):
-    """Checkpoints written before ``session`` and ``lr_segment``: session 0, and the schedule of
-    their saved options."""
+    """Checkpoints written before ``session``, ``lr_segment`` and ``auto_calibration``: session 0,
+    the schedule of their saved options, no calibrated decisions."""
     fit(tmp_path, epochs=3, **COSINE)
     path = tmp_path / "checkpoint.pt"
     payload = serialization.load_payload(path, kind=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
-    for key in ("session", "lr_segment"):
+    for key in ("session", "lr_segment", "auto_calibration"):
         del payload["state"][key]
     serialization.atomic_save(payload, path)
     _, history = fit(tmp_path, epochs=4, resume=True, **COSINE)
     assert history.records[-1]["session"] == 1
     assert history.records[-1]["lr"] == history.records[-2]["lr"] == pytest.approx(1e-3)
+
+
+CALIBRATED = {"epochs": 3, "method": "auto", "auto_calibrate": True, "batch_size": 16}
+
+
+def timed_estimators(monkeypatch) -> list[str]:
+    """The trainer's calibrator on a fake clock in ms that only the log det's estimators move:
+    exact costs 5, CG 1 (the fitted model picks exact at d = 1). Returns the methods the
+    training steps run (the validation's exact log det, under no_grad, is left out)."""
+    ran: list[str] = []
+    now = [0.0]
+
+    def instrumented(name, cost, estimate):
+        def run(options, ctx):
+            if ctx.need_grad:
+                ran.append(name)
+            now[0] += cost
+            return estimate(options, ctx)
+
+        return run
+
+    monkeypatch.setattr(calibrate, "device_clock", lambda device: now[0])
+    monkeypatch.setattr(api, "estimate_exact", instrumented("exact", 5.0, api.estimate_exact))
+    monkeypatch.setattr(api, "estimate_cg", instrumented("cg", 1.0, api.estimate_cg))
+    monkeypatch.delenv(calibrate.CALIBRATE_ENV, raising=False)
+    return ran
+
+
+def forbidden_clock(device):
+    raise AssertionError("the resumed run timed the methods again")
+
+
+def checkpoint_state(run_dir) -> dict:
+    path = run_dir / "checkpoint.pt"
+    return serialization.load_payload(path, kind=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)[
+        "state"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("after", "resumed_runs"),
+    [(1, ["cg"] * 6), (0, ["exact", "cg"] + ["cg"] * 10)],
+    ids=["decided", "under-way"],
+)
+def test_a_resumed_run_makes_the_calibrated_choices_of_the_checkpoint(
+    tmp_path, monkeypatch, after, resumed_runs
+):
+    # 6 steps an epoch; the first 8 run exact and CG in turn (1 warm-up and 3 timed calls of
+    # each), then CG, timed faster, runs.
+    ran = timed_estimators(monkeypatch)
+    straight, history = fit(tmp_path / "straight", **CALIBRATED)
+    assert ran == ["exact", "cg"] * 4 + ["cg"] * 10
+    saved = checkpoint_state(tmp_path / "straight")["auto_calibration"]["entries"]
+    assert list(saved.values()) == [{"method": "cg", "exact_ms": 5.0, "cg_ms": 1.0}]
+    assert "/B=16/d=1/" in next(iter(saved))
+    # Interrupted after epoch `after`: decided (after 1), or 6 of the 8 calls timed (after 0).
+    ran.clear()
+    interrupted(tmp_path / "split", monkeypatch, after=after, **CALIBRATED)
+    assert ran == (["exact", "cg"] * 4 + ["cg"] * 4 if after else ["exact", "cg"] * 3)
+    ran = timed_estimators(monkeypatch)
+    if after:
+        monkeypatch.setattr(calibrate, "device_clock", forbidden_clock)
+    resumed, resumed_history = fit(tmp_path / "split", resume=True, **CALIBRATED)
+    # The resumed run goes on with the saved decision (no timing) or the saved timings (the
+    # last two calls): the same methods at the same steps, so the same run, bit for bit.
+    assert ran == resumed_runs
+    for (key, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), key
+    assert without_time(resumed_history.records) == without_time(history.records)
+    assert checkpoint_state(tmp_path / "split")["auto_calibration"]["entries"] == saved
 
 
 def test_run_folder_holds_log_checkpoint_and_loadable_models(tmp_path):
@@ -253,6 +324,11 @@ def test_checkpoint_problems_raise_clear_errors(tmp_path):
     [
         ({"objective": "vae"}, "objective must be one of"),
         ({"method": "dense"}, "method must be one of"),
+        (
+            {"auto_calibrate": True},
+            "auto_calibrate applies to method='auto' only, got method='exact'",
+        ),
+        ({"method": "auto", "auto_calibrate": 1}, "auto_calibrate must be True or False, got 1"),
         ({"warmup_start": 3, "warmup_end": 1}, "warmup_end must be >= warmup_start = 3"),
         ({"lr": 0.0}, "lr must be a finite number > 0"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
