@@ -26,32 +26,7 @@ import torch
 from torch import Tensor
 
 from rnf_fast.linearize.modules import _GroupNorm
-from rnf_fast.testing import rel_error
-
-
-class Plain:
-    """The rule before the fused one: per group γ ⊙ (t - mean(t) - x̂ mean(x̂ ⊙ t)) / σ, and the
-    same projection after γ for the transpose; autograd differentiates it."""
-
-    def __init__(self, xhat: Tensor, inv_std: Tensor, weight: Tensor, groups: int) -> None:
-        self.xhat, self.inv_std, self.weight, self.groups = xhat, inv_std, weight, groups
-
-    def _project(self, T: Tensor) -> Tensor:
-        B, K = T.shape[:2]
-        t = T.reshape(B, K, self.groups, -1)
-        xhat = self.xhat.unsqueeze(1)
-        mean_t = t.mean(-1, keepdim=True)
-        mean_xt = (xhat * t).mean(-1, keepdim=True)
-        return ((t - mean_t - xhat * mean_xt) * self.inv_std.unsqueeze(1)).reshape(T.shape)
-
-    def _gamma(self, T: Tensor) -> Tensor:
-        return T * self.weight.view(-1, *([1] * (T.dim() - 3)))
-
-    def jvp(self, T: Tensor) -> Tensor:
-        return self._gamma(self._project(T))
-
-    def vjp(self, C: Tensor) -> Tensor:
-        return self._project(self._gamma(C))
+from rnf_fast.testing import GroupNormTangentReference, rel_error
 
 
 def _case(B: int, K: int, C: int, size: int, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -75,7 +50,8 @@ def _case(B: int, K: int, C: int, size: int, dtype: torch.dtype, seed: int = 0) 
 
 def _rules(case: dict) -> dict:
     f = case["xhat"], case["inv_std"], case["weight"]
-    return {"old": Plain(*f, case["G"]), "new": _GroupNorm(*f, case["T"].shape[2:])}
+    old = GroupNormTangentReference(*f, case["G"])
+    return {"old": old, "new": _GroupNorm(*f, case["T"].shape[2:])}
 
 
 def _graph_step(lin, case: dict) -> tuple[Tensor, ...]:

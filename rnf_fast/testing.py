@@ -13,6 +13,7 @@ __all__ = [
     "assert_backend_equals_torch",
     "FoldedFlow",  # noqa: F822 (module __getattr__)
     "CG_FLOAT32_TOL",
+    "GroupNormTangentReference",
     "NonVmappableDecoder",
     "SinSoftplusDecoder",
     "assert_within_2x",
@@ -278,6 +279,57 @@ def cg_agreement(
             "cg Lanczos value", *quads, quad_truth
         )
     return report
+
+
+class GroupNormTangentReference:
+    """GroupNorm's tangent rule in its plain form, differentiated by autograd: the spec that the
+    fused rule of :mod:`rnf_fast.linearize.modules` is tested and timed against. Per group,
+    jvp(t) = γ ⊙ (t - mean(t) - x̂ mean(x̂ ⊙ t)) / σ and vjp(w) = the same projection of γ ⊙ w.
+
+    Arguments:
+        xhat: (B, G, n) the normalised input per group.
+        inv_std: (B, G, 1) 1/σ per group.
+        weight: (C,) γ, or None.
+        groups: G.
+    """
+
+    def __init__(self, xhat: Tensor, inv_std: Tensor, weight: Tensor | None, groups: int):
+        self.xhat, self.inv_std, self.weight, self.groups = xhat, inv_std, weight, groups
+
+    @classmethod
+    def at(cls, gn: nn.GroupNorm, x: Tensor) -> tuple[Tensor, GroupNormTangentReference]:
+        """The layer's output at x (B, C, ...) and the rule there, from the plain formulas."""
+        B, G = x.shape[0], gn.num_groups
+        xg = x.reshape(B, G, -1)
+        centred = xg - xg.mean(-1, keepdim=True)
+        inv_std = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + gn.eps)
+        xhat = centred * inv_std
+        y = xhat.reshape(x.shape)
+        if gn.affine:
+            shape = (-1, *([1] * (x.dim() - 2)))
+            y = y * gn.weight.view(shape) + gn.bias.view(shape)
+        return y, cls(xhat, inv_std, gn.weight if gn.affine else None, G)
+
+    def _project(self, T: Tensor) -> Tensor:
+        B, K = T.shape[:2]
+        t = T.reshape(B, K, self.groups, -1)
+        xhat = self.xhat.unsqueeze(1)
+        mean_t = t.mean(-1, keepdim=True)
+        mean_xt = (xhat * t).mean(-1, keepdim=True)
+        return ((t - mean_t - xhat * mean_xt) * self.inv_std.unsqueeze(1)).reshape(T.shape)
+
+    def _gamma(self, T: Tensor) -> Tensor:
+        if self.weight is None:
+            return T
+        return T * self.weight.view(-1, *([1] * (T.dim() - 3)))
+
+    def jvp(self, T: Tensor) -> Tensor:
+        """γ ⊙ P(t) / σ for tangents T (B, K, C, ...)."""
+        return self._gamma(self._project(T))
+
+    def vjp(self, C: Tensor) -> Tensor:
+        """P(γ ⊙ w) / σ for cotangents C (B, K, C, ...)."""
+        return self._project(self._gamma(C))
 
 
 def __getattr__(name: str):

@@ -16,49 +16,14 @@ from rnf_fast.flows import ConvResNet
 from rnf_fast.linearize import modules
 from rnf_fast.linearize.modules import MODULE_RULES, linearize_module
 from rnf_fast.models import FlowConfig, RectangularFlow
-from rnf_fast.testing import dense_logdet, grads, rel_error
+from rnf_fast.testing import GroupNormTangentReference, dense_logdet, grads, rel_error
 
 DTYPE = torch.float64
 
 
-class _Reference:
-    """The rule's formula as it was, autograd differentiating it: per group
-    jvp(t) = γ ⊙ (t - mean(t) - x̂ mean(x̂ ⊙ t)) / σ, vjp(w) = the same projection of γ ⊙ w."""
-
-    def __init__(self, xhat: Tensor, inv_std: Tensor, weight: Tensor | None, groups: int):
-        self.xhat, self.inv_std, self.weight, self.groups = xhat, inv_std, weight, groups
-
-    def _project(self, T: Tensor) -> Tensor:
-        B, K = T.shape[:2]
-        t = T.reshape(B, K, self.groups, -1)
-        xhat = self.xhat.unsqueeze(1)
-        mean_t = t.mean(-1, keepdim=True)
-        mean_xt = (xhat * t).mean(-1, keepdim=True)
-        return ((t - mean_t - xhat * mean_xt) * self.inv_std.unsqueeze(1)).reshape(T.shape)
-
-    def _gamma(self, T: Tensor) -> Tensor:
-        if self.weight is None:
-            return T
-        return T * self.weight.view(-1, *([1] * (T.dim() - 3)))
-
-    def jvp(self, T: Tensor) -> Tensor:
-        return self._gamma(self._project(T))
-
-    def vjp(self, C: Tensor) -> Tensor:
-        return self._project(self._gamma(C))
-
-
-def reference_rule(gn: nn.GroupNorm, x: Tensor) -> tuple[Tensor, _Reference]:
-    B, G = x.shape[0], gn.num_groups
-    xg = x.reshape(B, G, -1)
-    centred = xg - xg.mean(-1, keepdim=True)
-    inv_std = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + gn.eps)
-    xhat = centred * inv_std
-    y = xhat.reshape(x.shape)
-    if gn.affine:
-        shape = (-1, *([1] * (x.dim() - 2)))
-        y = y * gn.weight.view(shape) + gn.bias.view(shape)
-    return y, _Reference(xhat, inv_std, gn.weight if gn.affine else None, G)
+def reference_rule(gn: nn.GroupNorm, x: Tensor) -> tuple[Tensor, GroupNormTangentReference]:
+    """The rule's formula as it was, autograd differentiating it."""
+    return GroupNormTangentReference.at(gn, x)
 
 
 def randn(*shape: int, seed: int, dtype: torch.dtype = DTYPE) -> Tensor:
