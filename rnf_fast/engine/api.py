@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -92,7 +92,11 @@ class LogdetInfo:
             grad enabled and kept it (the explicit linearizations of ``nn.Sequential`` MLPs and
             of the flow decoders do; its graph is the one the log det's gradient flows
             through), else None. A loss that needs decoder(z) as well (a reconstruction term)
-            can use it instead of running the decoder again: the ML loss does.
+            can use it instead of running the decoder again: the ML loss does. An MLP's final
+            Linear (not needed by the log det) runs on first access, under the autocast of the
+            call.
+        output_from: the linearization ``output`` is read from (it keeps its factors alive
+            as long as this report).
     """
 
     method: Literal["exact", "cg"]
@@ -109,7 +113,13 @@ class LogdetInfo:
     auto_decision: AutoDecision | None = None
     exact: ExactInfo | None = None
     cg: CGInfo | None = None
-    output: Tensor | None = None
+    output_from: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def output(self) -> Tensor | None:
+        """decoder(z) with its graph, or None (see the class docstring); a linearization that
+        skipped a final layer the log det does not need runs it now, once."""
+        return getattr(self.output_from, "output", None)
 
 
 def _run(
@@ -220,7 +230,7 @@ def _estimate(
             auto_decision=decision,
             exact=part if chosen == "exact" else None,
             cg=part if chosen == "cg" else None,
-            output=getattr(lin, "output", None),
+            output_from=lin,
         )
         value = estimate.value.to(accumulate_dtype(z.dtype))
         S = estimate.surrogate

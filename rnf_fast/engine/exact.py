@@ -18,7 +18,8 @@ from ..ops.dispatch import Backend
 from .checks import (
     OnSingular,
     check_jacobian_nonzero,
-    check_output,
+    check_lin_output,
+    output_dtype,
     pivot_floor,
     report_singular,
 )
@@ -141,12 +142,12 @@ def estimate_exact(options: Exact, ctx: Context) -> tuple[Estimate, ExactInfo]:
     factored = callable(gram) and options.chunk_size is None
     A_graph = gram(create_graph=ctx.need_grad) if factored else None
     if A_graph is not None:
-        check_output(lin.out, z, ctx.autocast)
+        check_lin_output(lin, z, ctx.autocast)
         L, value, jitter, singular, failed = _factor(
             ops,
             A_graph.detach().to(ctx.linalg_dtype),
             ctx.on_singular,
-            ctx.precision(lin.out.dtype),
+            ctx.precision(output_dtype(lin)),
         )
         info = ExactInfo(gram="factored", jitter=jitter, chunk_size=d)
         S = None
@@ -159,8 +160,8 @@ def estimate_exact(options: Exact, ctx: Context) -> tuple[Estimate, ExactInfo]:
         JT = lin.jvp(basis, create_graph=True)  # (B, d, D): JT[:, k] = J e_k
     else:
         JT = torch.cat([lin.jvp(basis[:, s : s + chunk]) for s in starts], dim=1)
-    check_output(lin.out, z, ctx.autocast)
-    precision = ctx.precision(lin.out.dtype, JT.dtype)
+    check_lin_output(lin, z, ctx.autocast)
+    precision = ctx.precision(output_dtype(lin), JT.dtype)
     L, value, jitter, singular, failed = _factor(
         ops, _gram(ops, JT.detach(), ctx.linalg_dtype), ctx.on_singular, precision
     )

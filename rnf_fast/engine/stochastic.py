@@ -23,8 +23,8 @@ from .cg import CGResult, batched_cg
 from .checks import (
     check_cg_memory,
     check_jacobian_nonzero,
-    check_output,
-    check_output_shape,
+    check_lin_output,
+    output_dtype,
     report_singular,
     ritz_floor,
     warn_at_caller,
@@ -131,7 +131,7 @@ class _SplitGramProduct:
             self.lifted = True
         image, AQ = pair
         if first:
-            check_output_shape(self.lin.out, self.z, self.autocast)
+            check_lin_output(self.lin, self.z, self.autocast, finite=False)
             self.first_image_zero = (image == 0).all()
         self.last_image, self.last_scale = image, scale
         AQ = AQ.to(self.dtype) if scale is None else AQ.to(self.dtype) * scale
@@ -334,10 +334,10 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
             on_step=on_step,
             x0=y0,
         )
-    check_output(lin.out, z, ctx.autocast)
+    check_lin_output(lin, z, ctx.autocast)
     _check_jacobian_nonzero(product, lin, z)
     # The products' precision: z's dtype, the output's and the caller's autocast dtype.
-    precision = ctx.precision(lin.out.dtype, product.last_image.dtype)
+    precision = ctx.precision(output_dtype(lin), product.last_image.dtype)
     Y = res.x.view(B, K, d)
     info = CGInfo(
         matvecs=res.matvecs,

@@ -42,15 +42,78 @@ def _count_linear_calls(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("method", ["cg", "exact", rnf_fast.Exact(chunk_size=2)])
-def test_a_logdet_grad_call_runs_the_mlp_once(monkeypatch, method):
+def test_a_logdet_grad_call_runs_the_mlp_once_without_its_final_linear(monkeypatch, method):
     # Before: a no-grad primal for the factors, then another with the graph for the surrogate
-    # (or the factored Gram): each Linear ran twice per call.
+    # (or the factored Gram): each Linear ran twice per call. Then: once each, the final
+    # (widest) Linear too, which the log det does not need: it runs only for info.output.
     decoder = _mlp()
     calls = _count_linear_calls(monkeypatch)
-    value = rnf_fast.logdet_grad(decoder, _z(), method)
-    assert calls[0] == 3, f"{calls[0]} Linear calls for the 3 layers"
+    value, info = rnf_fast.logdet_grad(decoder, _z(), method, return_info=True)
+    assert calls[0] == 2, f"{calls[0]} Linear calls for the 2 hidden layers"
     value.sum().backward()
-    assert calls[0] == 3, "the backward ran the decoder again"
+    assert calls[0] == 2, "the backward ran the decoder again"
+    first = info.output
+    assert first.shape == (5, 40) and calls[0] == 3
+    assert info.output is first and calls[0] == 3, "info.output ran the final Linear twice"
+
+
+@pytest.mark.parametrize("where", ["bias", "weight", "hidden"])
+def test_a_non_finite_output_is_still_an_error_naming_its_samples(where):
+    decoder, z = _mlp(), _z()
+    with torch.no_grad():
+        if where == "bias":
+            decoder[-1].bias[3] = float("nan")
+        elif where == "weight":
+            decoder[-1].weight[0, 0] = float("inf")
+        else:
+            decoder[0].bias[0] = float("inf")  # tanh(inf) = 1: finite; make it NaN instead
+            decoder[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"decoder output contains NaN or Inf in 5 of 5 samples"):
+        rnf_fast.logdet_grad(decoder, z, "cg")
+
+
+def test_an_overflow_from_finite_inputs_is_caught_in_float16():
+    # fp16's range is small: there the output is computed and checked, not inferred.
+    decoder, z = _mlp(), _z()
+    lin = SequentialLinearization(decoder.half(), z.half())
+    assert lin.output_spec() is None
+    with torch.no_grad():
+        decoder[-3].bias.fill_(10.0)  # the last hidden layer saturates at tanh = 1
+        decoder[-1].weight.fill_(6e4)  # finite in float16; 12 such terms are not
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rnf_fast.logdet_grad(decoder, z.half().requires_grad_(), "cg")
+
+
+def test_the_output_under_autocast_is_what_the_decoder_gives_there():
+    decoder = mlp_decoder(3, 40, hidden=(16, 12), seed=4, dtype=torch.float32)
+    z = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, info = rnf_fast.logdet_grad(decoder, z, "cg", return_info=True)
+        expected = decoder(z)
+    assert info.output.dtype == torch.bfloat16
+    assert torch.equal(info.output, expected)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: nn.Sequential(nn.Linear(3, 40)),  # one Linear: nothing before it
+        lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 40), nn.Tanh()),
+    ],
+    ids=["single-linear", "activation-last"],
+)
+def test_decoders_without_a_skippable_final_linear_run_whole(build):
+    decoder = build()
+    z = torch.randn(4, 3, dtype=next(decoder.parameters()).dtype)
+    lin = SequentialLinearization(decoder, z)
+    assert lin.output_spec() is None
+
+
+def test_a_final_linear_of_another_dtype_still_fails_at_construction():
+    # Not skipped (its parameters' dtype differs), so it fails where the decoder itself would.
+    decoder = nn.Sequential(nn.Linear(3, 8).double(), nn.Tanh(), nn.Linear(8, 40).float())
+    with pytest.raises(RuntimeError, match="same dtype"):
+        SequentialLinearization(decoder, torch.randn(4, 3, dtype=torch.float64))
 
 
 def test_the_ml_loss_runs_the_decoder_once(monkeypatch):
