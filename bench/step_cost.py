@@ -1,8 +1,10 @@
 """What the log det adds to a maximum-likelihood training step of a rectangular flow.
 
 One ML step (``ml_loss`` + backward, the trainer's objective at full likelihood weight) is timed
-three ways on the same model and batch: without the log det (``ml-no-logdet``, the baseline
-"plain"), with the exact log det and with CG (one Rademacher probe, the default tolerance). The
+four ways on the same model and batch: without the log det (``ml-no-logdet``, the baseline
+"plain"), with the exact log det, with CG (one Rademacher probe, the default tolerance) and with
+CG under randomized truncation (``Roulette(4, 0.5)``, unbiased for the default tolerance's
+iterate; see ``bench/study_cg_tol.py``). The
 variants run interleaved, round after round in a shuffled order, so that they see the same load;
 the report gives each variant's median and its ratio to plain. Before timing, each variant's
 loss is checked finite and the two log-det variants' gradients are checked against each other
@@ -35,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.harness.measure import machine_info  # noqa: E402
+from rnf_fast import Roulette  # noqa: E402
 from rnf_fast.data import load_dataset  # noqa: E402
 from rnf_fast.models import RectangularFlow  # noqa: E402
 from rnf_fast.runs import MNIST_PRESET, _prepare, resolve_config  # noqa: E402
@@ -45,6 +48,12 @@ VARIANTS = {
     "plain": {"with_logdet": False},
     "exact": {"with_logdet": True, "method": "exact"},
     "cg": {"with_logdet": True, "method": "cg", "probes": 1},
+    "cg-roulette": {
+        "with_logdet": True,
+        "method": "cg",
+        "probes": 1,
+        "truncation": Roulette(min_iter=4, continue_prob=0.5),
+    },
 }
 
 
@@ -89,11 +98,11 @@ def _perturbed(model: RectangularFlow, x: torch.Tensor) -> RectangularFlow:
     return model.train()
 
 
-def _step(model: RectangularFlow, x: torch.Tensor, beta: float, options: dict) -> torch.Tensor:
+def _step(model: RectangularFlow, x: torch.Tensor, beta: float, options: dict) -> dict:
     model.zero_grad(set_to_none=True)
-    loss, _ = ml_loss(model, x, weight=1.0, beta=beta, **options)
+    loss, parts = ml_loss(model, x, weight=1.0, beta=beta, **options)
     loss.backward()
-    return loss.detach()
+    return parts
 
 
 def _gradient(model: RectangularFlow) -> torch.Tensor:
@@ -106,7 +115,7 @@ def measure(name: str, rounds: int) -> dict:
     model = _perturbed(model, x)
     grads = {}
     for variant, options in VARIANTS.items():  # verify before timing
-        loss = _step(model, x, beta, options)
+        loss = _step(model, x, beta, options)["loss"]
         if not bool(torch.isfinite(loss)):
             raise RuntimeError(f"{name} {variant}: the loss is not finite")
         grads[variant] = _gradient(model).clone()
@@ -114,6 +123,7 @@ def measure(name: str, rounds: int) -> dict:
     if cosine < 0.9:
         raise RuntimeError(f"{name}: cg's gradient has cosine {cosine:.3f} to the exact one")
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    matvecs: dict[str, list[float]] = {v: [] for v in VARIANTS}
     order = list(VARIANTS)
     rng = random.Random(0)
     # CG meets its tolerance within d iterations on every system only where A is well
@@ -123,8 +133,10 @@ def measure(name: str, rounds: int) -> dict:
         rng.shuffle(order)
         for variant in order:
             start = time.perf_counter()
-            _step(model, x, beta, VARIANTS[variant])
+            parts = _step(model, x, beta, VARIANTS[variant])
             times[variant].append(time.perf_counter() - start)
+            if "cg_matvecs" in parts:
+                matvecs[variant].append(float(parts["cg_matvecs"]))
     plain = statistics.median(times["plain"])
     return {
         "B": x.shape[0],
@@ -132,7 +144,11 @@ def measure(name: str, rounds: int) -> dict:
         "d": model.d,
         "cosine_cg_exact": cosine,
         "variants": {
-            v: {"median_ms": 1e3 * statistics.median(t), "x_plain": statistics.median(t) / plain}
+            v: {
+                "median_ms": 1e3 * statistics.median(t),
+                "x_plain": statistics.median(t) / plain,
+                **({"matvecs": statistics.mean(matvecs[v])} if matvecs[v] else {}),
+            }
             for v, t in times.items()
         },
     }

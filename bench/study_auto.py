@@ -23,6 +23,7 @@ machine). The matvec counts do not depend on the load and are re-measured on eve
 """
 
 import argparse
+import json
 import time
 import warnings
 from pathlib import Path
@@ -125,6 +126,43 @@ def fit(timings, matvecs) -> dict[str, dict[str, tuple[float, ...]]]:
     return model
 
 
+def _flow_rows(model: dict) -> list[str]:
+    """The model's choice on the rectangular flows of ``bench/step_cost.py`` (whole ML steps,
+    its last run's ``step_cost.json``) against the measured faster method: a check of how far
+    a model fitted on one MLP carries to other decoders (its times do not transfer, so only
+    the decision is compared; m is the matvec count CG took there)."""
+    path = RESULTS / "step_cost.json"
+    if not path.exists():
+        return []
+    cases = json.loads(path.read_text())["cases"]
+    lines = [
+        "",
+        "Flows (whole ML steps from `bench/step_cost.py`, `bench/results/step_cost.json`; the",
+        "explicit path, K = 1, m = CG's mean matvecs there): the model's choice against the",
+        "measured faster method.\n",
+        "| case | d | B | exact ms | cg ms | m | measured faster | model | choose_method |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    e, c = model["explicit"]["exact"], model["explicit"]["cg"]
+    for name, row in cases.items():
+        v = row["variants"]
+        d, te, tc = row["d"], v["exact"]["median_ms"], v["cg"]["median_ms"]
+        m = v["cg"].get("matvecs")
+        if m is None:
+            continue
+        dd = min(max(d, DS[0]), DS[-1])  # the model's range, as choose_method clamps it
+        fitted = (
+            "cg" if np.dot(c, _features_cg(1, m, dd)) < np.dot(e, _features_exact(dd)) else "exact"
+        )
+        shipped = choose_method(d, 1, path="explicit", matvecs=m)
+        measured = "cg" if tc < te else "exact"
+        lines.append(
+            f"| {name} | {d} | {row['B']} | {te:.1f} | {tc:.1f} | {m:.1f} | {measured} "
+            f"| {fitted} | {shipped} |"
+        )
+    return lines
+
+
 def main() -> None:
     warnings.simplefilter("ignore")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -179,6 +217,7 @@ def main() -> None:
         f"`choose_method` agrees with the measured faster method in {agree}/{total}; where it "
         f"does not, its choice is at most {regret:.2f}× the faster one's time (near-ties).",
     ]
+    lines += _flow_rows(model)
     lines += ["", f"Shipped constants: `AUTO_COST_MODEL = {AUTO_COST_MODEL}`"]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "auto.md").write_text("\n".join(lines) + "\n")

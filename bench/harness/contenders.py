@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rnf_fast import logdet_grad
+from rnf_fast import Roulette, logdet_grad
 from rnf_fast.ops.dispatch import available_backends
 from rnf_fast.testing import grads, rel_error
 
@@ -103,7 +103,8 @@ def contenders(device: str = "cpu") -> dict[str, Contender]:
     """Every contender on a device, in table order.
 
     rnf_fast exact (also with ``chunk_size`` 16 and 4, and on the generic path), CG with K = 1
-    (also on the generic path) and 4, auto, exact and CG K = 1 with each non-default available
+    (also on the generic path, and under randomized truncation ``Roulette(4, 0.5)``) and 4,
+    auto, exact and CG K = 1 with each non-default available
     backend forced; the two autodiff Jacobians; the official code's algorithm; the free-form
     injective flow surrogate.
 
@@ -119,6 +120,9 @@ def contenders(device: str = "cpu") -> dict[str, Contender]:
         "rnf_fast exact chunk=4": _rnf({"method": "exact", "chunk_size": 4}, suite=False),
         "rnf_fast cg K=1": _rnf({"method": "cg", "probes": 1}),
         "rnf_fast cg K=4": _rnf({"method": "cg", "probes": 4}),
+        "rnf_fast cg K=1 roulette": _rnf(
+            {"method": "cg", "probes": 1, "truncation": Roulette(min_iter=4, continue_prob=0.5)}
+        ),
         "rnf_fast auto": _rnf({"method": "auto"}),
         "rnf_fast exact, generic path": _rnf({"method": "exact", "batching": "vmap"}, suite=False),
         "rnf_fast cg K=1, generic path": _rnf(
