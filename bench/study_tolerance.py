@@ -75,23 +75,25 @@ def _mean_se(values: list[float]) -> str:
     return f"{m:.3f} ± {statistics.stdev(values) / math.sqrt(len(values)):.3f}"
 
 
-def report(rows: dict, seeds: list[int]) -> str:
+def report(rows: dict) -> str:
     lines = [
-        "# CG's stopping rule over whole training runs",
-        "",
-        f"Seeds {', '.join(map(str, seeds))}; each dataset's preset budget; one thread per job. "
-        "Test NLL (nats, the dataset's units) and reconstruction MSE: mean ± standard error over "
-        "the seeds; Δ NLL: the paired difference to the default rule on the same seed (same "
-        "initialisation and data order). matvecs: CG's batched products per training step with "
-        "the log det (mean over the run). Reproduce: "
-        f"`python bench/study_tolerance.py --seeds {' '.join(map(str, seeds))}`.",
+        "**CG's stopping rule over whole training runs.** Each dataset's preset budget; one "
+        "thread per job. Test NLL (nats, the dataset's units) "
+        "and reconstruction MSE: mean ± standard error over the seeds; Δ NLL: the paired "
+        "difference to the default rule on the same seed (same initialisation and data order). "
+        "matvecs: CG's batched products per training step with the log det (mean over the run); "
+        "train min: the epochs' wall time with up to two jobs and other work sharing the 2 "
+        "cores (indicative only; step_cost.py times steps on a quiet machine). "
+        "Reproduce: `python bench/study_tolerance.py --datasets DATASET --seeds ...` (the seeds "
+        "of each section), then `--report-only` for this file.",
         "",
     ]
     for dataset in DATASETS:
         by_rule = rows.get(dataset)
         if not by_rule:
             continue
-        lines += [f"## {dataset}", ""]
+        seeds = sorted({s for by_seed in by_rule.values() for s in by_seed})
+        lines += [f"#### {dataset} (seeds {', '.join(map(str, seeds))})", ""]
         lines += ["| rule | test NLL | Δ NLL vs default | recon MSE | matvecs | train min |"]
         lines += ["|---|---:|---:|---:|---:|---:|"]
         base = by_rule.get("tol1e-2", {})
@@ -118,15 +120,27 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", choices=sorted(RULES), default=list(RULES))
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
     parser.add_argument("--root", default="runs/tolerance", help="parent of the run folders")
+    parser.add_argument(
+        "--report-only", action="store_true", help="report every finished run under --root"
+    )
     args = parser.parse_args()
     root = Path(args.root)
+    if args.report_only:
+        rows: dict = {}
+        for ds in DATASETS:
+            for slug in RULES:
+                for results in sorted(root.glob(f"{ds}-{slug}-seed*/results.json")):
+                    seed = int(results.parent.name.rsplit("-seed", 1)[1])
+                    rows.setdefault(ds, {}).setdefault(slug, {})[seed] = _run(ds, slug, seed, root)
+        print(report(rows))
+        return
     tasks = [(ds, slug, s) for ds in args.datasets for slug in args.rules for s in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda t: _run(*t, root), tasks))
     rows: dict = {}
     for (ds, slug, seed), r in zip(tasks, results, strict=True):
         rows.setdefault(ds, {}).setdefault(slug, {})[seed] = r
-    print(report(rows, args.seeds))
+    print(report(rows))
 
 
 if __name__ == "__main__":
