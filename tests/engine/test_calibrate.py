@@ -349,3 +349,26 @@ def test_merged_states_take_each_key_from_the_first_that_decided_it():
     exact = {"method": "exact", "exact_ms": 1.0, "cg_ms": 2.0}
     merged = merge_calibration_states([state(a=under_way, b=exact), state(a=cg, b=cg, c=under_way)])
     assert merged["entries"] == {"a": cg, "b": exact, "c": under_way}
+
+
+@pytest.mark.cuda
+def test_calibration_on_a_cuda_device_times_with_the_device_clock():
+    """On a GPU: the real clock (synchronising the device) calibrates the standard-shaped MLP,
+    every calibrating call's gradient agrees with the exact one's direction, and the decision
+    ends recorded with both medians."""
+    device = torch.device("cuda")
+    decoder = mlp(d=16, hidden=256, D=784).float().to(device)
+    z0 = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)).to(device)
+    calibrator = Calibrator()
+    exact = None
+    for _ in range(2 * (1 + 3) + 1):
+        _, info, z = step(decoder, z0, None, method="auto", auto_calibrate=calibrator)
+        if info.method == "exact" and exact is None:
+            exact = z.grad.clone()
+        elif exact is not None:
+            cosine = torch.nn.functional.cosine_similarity(z.grad.flatten(), exact.flatten(), 0)
+            assert cosine > 0.5, (info.method, float(cosine))
+    assert info.auto_decision.source == "calibrated"
+    assert info.auto_decision.exact_ms > 0 and info.auto_decision.cg_ms > 0
+    state = calibrator.state_dict()
+    assert json.loads(json.dumps(state)) == state
