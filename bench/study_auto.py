@@ -34,7 +34,13 @@ from harness import make_problem
 from scipy.optimize import nnls
 
 from rnf_fast import logdet_grad
-from rnf_fast.engine.auto import AUTO_COST_MODEL, AUTO_MEASURED_MS, choose_method
+from rnf_fast.engine.auto import (
+    AUTO_COST_MODEL,
+    AUTO_EXPECTED_MATVECS,
+    AUTO_MEASURED_MS,
+    _interp_log2,
+    choose_method,
+)
 
 DS = [4, 8, 16, 32, 64, 128, 256]
 ROUNDS = 5
@@ -138,7 +144,8 @@ def _flow_rows(model: dict) -> list[str]:
     lines = [
         "",
         "Flows (whole ML steps from `bench/step_cost.py`, `bench/results/step_cost.json`; the",
-        "explicit path, K = 1, m = CG's mean matvecs there): the model's choice against the",
+        "explicit path, K = 1; m: CG's mean matvecs there, for information: both choices use",
+        'the expected matvecs at d, as `method="auto"` does): the model\'s choice against the',
         "measured faster method.\n",
         "| case | d | B | exact ms | cg ms | m | measured faster | model | choose_method |",
         "|---|---:|---:|---:|---:|---:|---|---|---|",
@@ -151,10 +158,10 @@ def _flow_rows(model: dict) -> list[str]:
         if m is None:
             continue
         dd = min(max(d, DS[0]), DS[-1])  # the model's range, as choose_method clamps it
-        fitted = (
-            "cg" if np.dot(c, _features_cg(1, m, dd)) < np.dot(e, _features_exact(dd)) else "exact"
-        )
-        shipped = choose_method(d, 1, path="explicit", matvecs=m)
+        expected = _interp_log2(AUTO_EXPECTED_MATVECS, dd)
+        cheaper = np.dot(c, _features_cg(1, expected, dd)) < np.dot(e, _features_exact(dd))
+        fitted = "cg" if cheaper else "exact"
+        shipped = choose_method(d, 1, path="explicit")
         measured = "cg" if tc < te else "exact"
         lines.append(
             f"| {name} | {d} | {row['B']} | {te:.1f} | {tc:.1f} | {m:.1f} | {measured} "

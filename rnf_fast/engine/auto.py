@@ -92,65 +92,68 @@ class PathCosts:
 
 AUTO_COST_MODEL: dict[str, PathCosts] = {
     "explicit": PathCosts(
-        exact=ExactCost(fixed=4.044, per_tangent=0.4131, per_tangent_pair=0.005290),
+        exact=ExactCost(fixed=2.06, per_tangent=0.3865, per_tangent_pair=0.002816),
         cg=CGCost(
-            fixed=3.593,
-            per_probe=1.201,
-            per_matvec=0.4528,
-            per_probe_matvec=0.0,
-            lanczos=8.1e-06,
-            ends=2.886e-03,
+            fixed=1.939,
+            per_probe=0.4453,
+            per_matvec=0.1783,
+            per_probe_matvec=0.1506,
+            lanczos=1.283e-05,
+            ends=1.075e-03,
         ),
     ),
     "generic": PathCosts(
-        exact=ExactCost(fixed=4.889, per_tangent=0.6437, per_tangent_pair=0.006820),
+        exact=ExactCost(fixed=3.274, per_tangent=0.4882, per_tangent_pair=0.005054),
         cg=CGCost(
-            fixed=4.123,
-            per_probe=1.683,
-            per_matvec=2.999,
-            per_probe_matvec=0.3632,
-            lanczos=9.4e-06,
-            ends=2.997e-03,
+            fixed=4.64,
+            per_probe=0.4192,
+            per_matvec=1.257,
+            per_probe_matvec=0.3899,
+            lanczos=1.424e-05,
+            ends=1.365e-03,
         ),
     ),
 }
 """Step times of each method per path, fitted (non-negative least squares on relative error) to
-:data:`AUTO_MEASURED_MS`. Per matvec the generic path pays about 3 ms (it re-runs the primal),
-the explicit one about 0.5 ms: so CG only wins on the explicit path."""
+:data:`AUTO_MEASURED_MS`. Per matvec the generic path pays about 1.3 ms (it re-runs the
+primal), the explicit one about 0.18 ms plus 0.15 per probe."""
 
 AUTO_MEASURED_MS: dict[str, tuple[tuple[int, float, float, float], ...]] = {
     "explicit": (
-        (4, 6.0, 6.7, 10.9),
-        (8, 7.0, 7.4, 11.9),
-        (16, 12.6, 9.5, 14.3),
-        (32, 29.3, 12.0, 18.8),
-        (64, 45.8, 17.7, 30.3),
-        (128, 132.5, 68.8, 178.2),
-        (256, 517.4, 429.8, 1445.8),
+        (4, 3.5, 3.6, 7.1),
+        (8, 5.6, 4.5, 9.1),
+        (16, 9.3, 5.6, 11.7),
+        (32, 17.8, 7.1, 14.7),
+        (64, 37.6, 10.6, 26.8),
+        (128, 86.6, 40.3, 123.3),
+        (256, 322.6, 336.2, 1536.9),
     ),
     "generic": (
-        (4, 7.5, 19.6, 29.4),
-        (8, 10.9, 26.6, 41.1),
-        (16, 16.3, 35.6, 51.6),
-        (32, 31.4, 49.3, 73.3),
-        (64, 87.5, 78.8, 124.6),
-        (128, 178.6, 275.9, 457.0),
-        (256, 647.1, 1220.9, 2576.5),
+        (4, 5.1, 11.3, 17.9),
+        (8, 7.8, 15.5, 26.1),
+        (16, 13.0, 20.8, 32.5),
+        (32, 24.6, 25.7, 43.3),
+        (64, 52.3, 42.1, 71.9),
+        (128, 138.2, 136.7, 298.1),
+        (256, 502.8, 717.8, 2118.5),
     ),
 }
 """Measured step times (d, exact ms, CG K = 1 ms, CG K = 4 ms) of one training step of the log
 det term: MLP decoder d -> 256 -> 256 -> 784, B = 64, float32, quiet 2-core CPU, methods
-interleaved in one run (``bench/study_auto.py``, ``bench/results/auto.md``). The cost model picks
-the faster method at 27 of these 28 points; the miss (generic, d = 64, K = 1) is a near-tie
-where its choice costs 11% more."""
+interleaved in one run (``bench/study_auto.py --time``, ``bench/results/auto.md``). The cost
+model picks the faster method at all 28 of these points, and on the three rectangular flows of
+``bench/step_cost.py`` (whole ML steps: exact for the d = 1 von Mises flow, CG for the
+MINIBOONE-shaped flow and the MNIST preset), which it was not fitted to. For another decoder
+or device, ``auto_calibrate=True`` times both methods instead
+(:mod:`rnf_fast.engine.calibrate`)."""
 
 AUTO_EXPECTED_MATVECS: tuple[tuple[int, float], ...] = (
     (4, 4.0),
     (8, 6.3),
     (16, 9.0),
     (32, 12.0),
-    (64, 20.7),
-    (128, 70.0),
+    (64, 20.3),
+    (128, 71.0),
     (256, 256.0),
 )
 """Batched matvecs of CG (K = 1, default tolerance, mean of 3 probe draws) against d on the
@@ -199,9 +202,10 @@ def choose_method(
 ) -> Literal["exact", "cg"]:
     """The ``method="auto"`` rule: the method with the lower :func:`predicted_costs`.
 
-    On the generic ``torch.func`` path exact wins at every measured d; on the explicit path CG
-    with K = 1 wins from d = 16 up, with K = 4 from d = 32 to 64 (:data:`AUTO_MEASURED_MS`).
-    Outside d = 4..256 the decision at the nearest measured d is used.
+    On the explicit path CG with K = 1 wins from d = 8 to 128 (exact below, and at 256 where CG
+    needs d matvecs), with K = 4 at d = 32 to 64; on the generic ``torch.func`` path exact wins
+    except with K = 1 at d = 64 and 128 (:data:`AUTO_MEASURED_MS`). Outside d = 4..256 the
+    decision at the nearest measured d is used.
 
     Arguments:
         d: latent dimension.
@@ -214,7 +218,7 @@ def choose_method(
         ``"exact"`` or ``"cg"``.
 
     Example:
-        >>> choose_method(64, 1, path="explicit"), choose_method(64, 1, path="generic")
+        >>> choose_method(16, 1, path="explicit"), choose_method(16, 1, path="generic")
         ('cg', 'exact')
     """
     exact, cg = predicted_costs(d, K, path=path, matvecs=matvecs)
