@@ -298,17 +298,12 @@ class GroupNormTangentReference:
 
     @classmethod
     def at(cls, gn: nn.GroupNorm, x: Tensor) -> tuple[Tensor, GroupNormTangentReference]:
-        """The layer's output at x (B, C, ...) and the rule there, from the plain formulas."""
-        B, G = x.shape[0], gn.num_groups
-        xg = x.reshape(B, G, -1)
-        centred = xg - xg.mean(-1, keepdim=True)
-        inv_std = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + gn.eps)
-        xhat = centred * inv_std
-        y = xhat.reshape(x.shape)
-        if gn.affine:
-            shape = (-1, *([1] * (x.dim() - 2)))
-            y = y * gn.weight.view(shape) + gn.bias.view(shape)
-        return y, cls(xhat, inv_std, gn.weight if gn.affine else None, G)
+        """The layer's output at x (B, C, ...) and the plain rule there (the primal and its
+        factors are the linearization's own: only the tangent rule is under test)."""
+        from .linearize.modules import group_norm_primal
+
+        y, xhat, inv_std = group_norm_primal(gn, x)
+        return y, cls(xhat, inv_std, gn.weight if gn.affine else None, gn.num_groups)
 
     def _project(self, T: Tensor) -> Tensor:
         B, K = T.shape[:2]

@@ -449,8 +449,9 @@ class _GroupNorm:
         return out.reshape(C.shape)
 
 
-@_register(nn.GroupNorm)
-def _group_norm(gn: nn.GroupNorm, x: Tensor) -> tuple[Tensor, LayerLinearization]:
+def group_norm_primal(gn: nn.GroupNorm, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """GroupNorm at x (B, C, ...) with the factors of its Jacobian: (y, x̂ (B, G, n), 1/σ
+    (B, G, 1)), the normalised input and the inverse standard deviation per group."""
     B, G = x.shape[0], gn.num_groups
     xg = x.reshape(B, G, -1)
     centred = xg - xg.mean(-1, keepdim=True)
@@ -460,6 +461,12 @@ def _group_norm(gn: nn.GroupNorm, x: Tensor) -> tuple[Tensor, LayerLinearization
     if gn.affine:
         shape = (-1, *([1] * (x.dim() - 2)))
         y = y * gn.weight.view(shape) + gn.bias.view(shape)
+    return y, xhat, inv_std
+
+
+@_register(nn.GroupNorm)
+def _group_norm(gn: nn.GroupNorm, x: Tensor) -> tuple[Tensor, LayerLinearization]:
+    y, xhat, inv_std = group_norm_primal(gn, x)
     return y, _GroupNorm(xhat, inv_std, gn.weight if gn.affine else None, x.shape[1:])
 
 

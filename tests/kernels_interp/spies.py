@@ -1,5 +1,6 @@
 """A stand-in for a Triton kernel that records each launch's keyword arguments (the constexprs
-and num_warps), then launches the kernel: what the launchers pass, checked without a GPU."""
+and num_warps), then launches the kernel: what the launchers pass, checked without a GPU; and a
+counter of the autotuner's timings."""
 
 
 class KernelSpy:
@@ -14,3 +15,16 @@ class KernelSpy:
             return self.kernel[grid](*args, **kwargs)
 
         return launch
+
+
+def count_timings(monkeypatch, tuning) -> list[int]:
+    """Count the autotuner's timed runs (``tuning._seconds`` calls): one entry per run."""
+    timed: list[int] = []
+    seconds = tuning._seconds
+
+    def counted(run, device):
+        timed.append(1)
+        return seconds(run, device)
+
+    monkeypatch.setattr(tuning, "_seconds", counted)
+    return timed

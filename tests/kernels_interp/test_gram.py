@@ -9,7 +9,7 @@ from rnf_fast.kernels.gram import gram
 from rnf_fast.ops import reference
 from rnf_fast.testing import assert_within_2x
 
-from .spies import KernelSpy
+from .spies import KernelSpy, count_timings
 
 # (B, D, d): masked tiles (d = 5, 17), several tiles per sample (d = 70 in float32, d = 40 in
 # float64), an exact power of two, D below, at and past the chunk of D.
@@ -104,14 +104,7 @@ def test_gram_reads_the_precision_switch_at_each_call(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gram_autotunes_once_per_shape(monkeypatch, fresh_tuning, dtype):
-    timed = []
-    seconds = tuning._seconds
-
-    def counted(run, device):
-        timed.append(1)
-        return seconds(run, device)
-
-    monkeypatch.setattr(tuning, "_seconds", counted)
+    timed = count_timings(monkeypatch, tuning)
     monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
     J = _dyadic((2, 33, 17)).to(dtype)
     for _ in range(2):

@@ -8,7 +8,7 @@ from rnf_fast.kernels.linear import scaled_linear
 from rnf_fast.ops import reference
 from rnf_fast.testing import assert_within_2x
 
-from .spies import KernelSpy
+from .spies import KernelSpy, count_timings
 
 # (B, K, n_in, n_out): masked edges on every axis, several tiles of rows (B·K > 64), of outputs
 # (n_out > 64) and of the reduction (n_in > 32), exact powers of two, a narrow d -> 16 layer.
@@ -121,14 +121,7 @@ def test_scaled_linear_reads_the_precision_switch_at_each_call(monkeypatch):
 def test_scaled_linear_autotunes_once_per_shape(monkeypatch, fresh_tuning):
     # RNF_FAST_TRITON_AUTOTUNE=1, read at the call: every configuration of the set is timed on
     # the first call for a shape, none on the second; the result is right either way.
-    timed = []
-    seconds = tuning._seconds
-
-    def counted(run, device):
-        timed.append(1)
-        return seconds(run, device)
-
-    monkeypatch.setattr(tuning, "_seconds", counted)
+    timed = count_timings(monkeypatch, tuning)
     spy = KernelSpy(linear._scaled_linear_kernel)
     monkeypatch.setattr(linear, "_scaled_linear_kernel", spy)
     monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
