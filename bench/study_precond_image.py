@@ -8,7 +8,8 @@ the batched matvecs, the share of systems that meet the tolerance (1e-2, Rademac
 and the time of a log-det training step (value + backward), interleaved with the exact
 method's step. Preconditioners: none, ``jacobi`` (diag JᵀJ, d extra tangents), ``batch`` (the
 mean JᵀJ of 4 rows), ``cached`` (the previous batch's mean JᵀJ, which a trainer would keep from
-an earlier step: its cost is not in the step time).
+an earlier step: its cost is not in the step time); and, for comparison, no preconditioner with
+randomized truncation (``Roulette(8, 0.5)``).
 
     .venv/bin/python bench/study_precond_image.py RUN [--batches 4] [--rounds 5]
 
@@ -30,19 +31,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.measure import machine_info  # noqa: E402
 from study_precond import mean_gram  # noqa: E402
 
-from rnf_fast import CG, Exact, logdet_grad  # noqa: E402
+from rnf_fast import CG, Exact, Roulette, logdet_grad  # noqa: E402
 from rnf_fast.runs import _load_data, _load_run, _prepare  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 B = 32
-NAMES = ("none", "jacobi", "batch", "cached")
+NAMES = ("none", "jacobi", "batch", "cached", "none, Roulette(8, 0.5)")
+DRAWS = torch.Generator().manual_seed(1)
+"""The truncation's draws (one stream for the whole study, so its J varies as in training)."""
 
 
 def _options(name, cached):
-    prec = {"none": None, "jacobi": "jacobi", "batch": "batch", "cached": cached}[name]
     probes = torch.sign(
         torch.randn(B, 1, cached.shape[0], generator=torch.Generator().manual_seed(0))
     )
+    if name.startswith("none, Roulette"):
+        truncation = Roulette(min_iter=8, continue_prob=0.5)
+        return CG(probes=probes, tol=1e-2, truncation=truncation, generator=DRAWS)
+    prec = {"none": None, "jacobi": "jacobi", "batch": "batch", "cached": cached}[name]
     return CG(probes=probes, tol=1e-2, preconditioner=prec)
 
 
@@ -98,7 +104,9 @@ def main() -> None:
         "tol 1e-2 with one Rademacher probe: mean iterations per system, batched matvecs (the "
         "slowest system), the share of systems that meet the tolerance, and the median time "
         f"of a log-det step (value + backward, {args.rounds} rounds per batch, interleaved with "
-        f"exact: {exact_ms:.0f} ms). `cached`: the previous batch's mean JᵀJ.\n",
+        f"exact: {exact_ms:.0f} ms). `cached`: the previous batch's mean JᵀJ; the last row is no "
+        "preconditioner with randomized truncation (unbiased for the tol-1e-2 iterate, more "
+        "variance: README, Choosing CG's tolerance).\n",
         "| preconditioner | iterations | matvecs | converged | step ms | × exact |",
         "|---|---:|---:|---:|---:|---:|",
     ]
