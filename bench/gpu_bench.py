@@ -99,7 +99,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 from harness.baselines import logdet_fif, logdet_official_cg  # noqa: E402
 from harness.contenders import GRAD_TOL, JACFWD, JACREV, OFFICIAL, VALUE_TOL  # noqa: E402
-from harness.measure import percentile, sync  # noqa: E402
+from harness.measure import percentile, sample_seconds, sync  # noqa: E402
 from harness.problems import problem_encoder  # noqa: E402
 
 SECTIONS = ("ceilings", "kernels", "logdet", "graph_cg")
@@ -265,21 +265,7 @@ def time_call(
     once = max(time.perf_counter() - t0, 1e-7)
     calls = max(1, int(SAMPLE_S / once))
     reps = int(min(MAX_REPS, max(MIN_REPS, budget_s / (once * calls))))
-    samples = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3 / calls)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples.append((time.perf_counter() - t0) / calls)
+    samples = [sample_seconds(fn, device, calls) for _ in range(reps)]
     return {
         "median_s": percentile(samples, 0.5),
         "p20_s": percentile(samples, 0.2),

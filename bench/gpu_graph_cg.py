@@ -52,7 +52,7 @@ from rnf_fast.ops.dispatch import get_backend, use_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
-from harness.measure import percentile, sync  # noqa: E402
+from harness.measure import percentile, sample_seconds, sync  # noqa: E402
 
 MODES = ("eager", "eager-fixed", "graph")
 TARGET_SPEEDUP = 2.0
@@ -160,20 +160,7 @@ def _interleaved_ms(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(samples):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(calls):
-                    fn()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end) / calls)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times[name].append((time.perf_counter() - t0) * 1e3 / calls)
+            times[name].append(1e3 * sample_seconds(fn, device, calls))
     return {name: percentile(ts, 0.5) for name, ts in times.items()}
 
 

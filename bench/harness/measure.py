@@ -233,6 +233,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sample_seconds(fn: Callable[[], object], device: torch.device, calls: int = 1) -> float:
+    """Seconds per call of ``calls`` back-to-back calls of ``fn``, one sample: CUDA events on
+    CUDA (the queue is timed, not the host), the wall clock elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
 def _timed(step: Callable[[], tuple[Tensor, dict]], device: torch.device) -> float:
     sync(device)
     t0 = time.perf_counter()
