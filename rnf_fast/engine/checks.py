@@ -446,28 +446,18 @@ def check_output(out: Tensor, z: Tensor, autocast: torch.dtype | None = None) ->
 
 def check_lin_output(
     lin: object, z: Tensor, autocast: torch.dtype | None = None, *, finite: bool = True
-) -> None:
+) -> torch.dtype:
     """:func:`check_output` (``finite``) or :func:`check_output_shape` of a linearization's
-    output. A linearization that has not run its last layer (an MLP's final Linear, which the
-    log det does not need) may offer ``output_spec()``, a stand-in with the output's shape,
-    dtype and device, and ``output_surely_finite()``: the output itself is then computed only
-    when it may not be finite."""
-    template = _output_spec(lin)
+    output; returns the output's dtype. A linearization that has not run its last layer (an
+    MLP's final Linear, which the log det does not need) may offer ``output_spec()``, a
+    stand-in with the output's shape, dtype and device, and ``output_surely_finite()``: the
+    output itself is then computed only when it may not be finite."""
+    spec = getattr(lin, "output_spec", None)
+    template = spec() if callable(spec) else None
     if template is None:
         (check_output if finite else check_output_shape)(lin.out, z, autocast)
-        return
+        return lin.out.dtype
     check_output_shape(template, z, autocast)
     if finite and not lin.output_surely_finite():
         check_output(lin.out, z, autocast)
-
-
-def output_dtype(lin: object) -> torch.dtype:
-    """The dtype of a linearization's output, without computing an output not yet computed
-    (see :func:`check_lin_output`)."""
-    template = _output_spec(lin)
-    return lin.out.dtype if template is None else template.dtype
-
-
-def _output_spec(lin: object) -> Tensor | None:
-    spec = getattr(lin, "output_spec", None)
-    return spec() if callable(spec) else None
+    return template.dtype

@@ -19,7 +19,6 @@ from .checks import (
     OnSingular,
     check_jacobian_nonzero,
     check_lin_output,
-    output_dtype,
     pivot_floor,
     report_singular,
 )
@@ -142,12 +141,12 @@ def estimate_exact(options: Exact, ctx: Context) -> tuple[Estimate, ExactInfo]:
     factored = callable(gram) and options.chunk_size is None
     A_graph = gram(create_graph=ctx.need_grad) if factored else None
     if A_graph is not None:
-        check_lin_output(lin, z, ctx.autocast)
+        out_dtype = check_lin_output(lin, z, ctx.autocast)
         L, value, jitter, singular, failed = _factor(
             ops,
             A_graph.detach().to(ctx.linalg_dtype),
             ctx.on_singular,
-            ctx.precision(output_dtype(lin)),
+            ctx.precision(out_dtype),
         )
         info = ExactInfo(gram="factored", jitter=jitter, chunk_size=d)
         S = None
@@ -160,8 +159,7 @@ def estimate_exact(options: Exact, ctx: Context) -> tuple[Estimate, ExactInfo]:
         JT = lin.jvp(basis, create_graph=True)  # (B, d, D): JT[:, k] = J e_k
     else:
         JT = torch.cat([lin.jvp(basis[:, s : s + chunk]) for s in starts], dim=1)
-    check_lin_output(lin, z, ctx.autocast)
-    precision = ctx.precision(output_dtype(lin), JT.dtype)
+    precision = ctx.precision(check_lin_output(lin, z, ctx.autocast), JT.dtype)
     L, value, jitter, singular, failed = _factor(
         ops, _gram(ops, JT.detach(), ctx.linalg_dtype), ctx.on_singular, precision
     )

@@ -24,7 +24,6 @@ from .checks import (
     check_cg_memory,
     check_jacobian_nonzero,
     check_lin_output,
-    output_dtype,
     report_singular,
     ritz_floor,
     warn_at_caller,
@@ -320,13 +319,14 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
     if options.truncation is not None:
         truncated_at, weights = options.truncation.draw(max_iter, options.generator)
         max_iter, on_step = truncated_at, _reweighted(product.step, weights, y0 is not None)
-    graphed = _solve_graphed(options, ctx, prec, eps.reshape(B * K, d), y0, K, max_iter)
+    b = eps.reshape(B * K, d)
+    graphed = _solve_graphed(options, ctx, prec, b, y0, K, max_iter)
     if graphed is not None and graphed.result is not None:
         res, product = graphed.result, graphed.product
     else:
         res = batched_cg(
             product,
-            eps.reshape(B * K, d),
+            b,
             tol=float(options.tol),
             max_iter=max_iter,
             fixed_iterations=options.fixed_iterations,
@@ -334,10 +334,10 @@ def estimate_cg(options: CG, ctx: Context) -> tuple[Estimate, CGInfo]:
             on_step=on_step,
             x0=y0,
         )
-    check_lin_output(lin, z, ctx.autocast)
+    out_dtype = check_lin_output(lin, z, ctx.autocast)
     _check_jacobian_nonzero(product, lin, z)
     # The products' precision: z's dtype, the output's and the caller's autocast dtype.
-    precision = ctx.precision(output_dtype(lin), product.last_image.dtype)
+    precision = ctx.precision(out_dtype, product.last_image.dtype)
     Y = res.x.view(B, K, d)
     info = CGInfo(
         matvecs=res.matvecs,
